@@ -1,0 +1,56 @@
+"""vqa_rad: VQA-RAD as released: ``VQA_RAD Dataset Public.json`` + ``VQA_RAD Image Folder/``, or
+the Hugging Face parquet (a file or folder; split from the file name).
+
+Official JSON: test = phrase_type test_freeform + test_para (451 questions), the rest train.
+--split train|test|all (default all). Parquet rows get qid = their index within the split.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from data_prep.sources import (SourceError, load_json, parquet_image, read_parquet_rows, vqa_records)
+from data_prep.writer import ImageRef, load_image_bytes, load_image_file
+
+TEST_PHRASES = {"test_freeform", "test_para"}
+QA_KEYS = ("qid", "question", "answer", "answer_type", "question_type", "phrase_type", "image_organ")
+
+
+def _split_of(r: dict) -> str:
+    return "test" if r.get("phrase_type") in TEST_PHRASES else "train"
+
+
+def read(opts):
+    src = opts.source_name or "vqa_rad"
+    wanted = None if opts.split in (None, "all") else set(opts.split.split(","))
+    if str(opts.input).endswith(".parquet") or Path(opts.input).is_dir():
+        rows = []
+        for split, part in read_parquet_rows(opts.input):
+            if wanted and split not in wanted:
+                continue
+            for i, r in enumerate(part):
+                r.update(qid=i, split=split)
+                rows.append(r)
+
+        def image_id(r):
+            data = parquet_image(r)
+            return f"{r['split']}-{hashlib.blake2b(data, digest_size=8).hexdigest()}" if data else None
+
+        return vqa_records(rows, source=src, qa_keys=QA_KEYS, image_id=image_id,
+                           make_ref=lambda r: ImageRef(load_image_bytes, (parquet_image(r), opts.max_pixels)),
+                           meta_of=lambda r: {"source": src, "modality": opts.modality or "radiology", "split": r["split"]})
+    data = load_json(opts.input, "--input")
+    if not isinstance(data, list) or (data and not {"image_name", "question", "answer", "phrase_type"} <= set(data[0])):
+        raise SourceError(f"{opts.input}: expected VQA-RAD's list of records with image_name, question, answer, "
+                          "phrase_type")
+    root = Path(opts.image_root) if opts.image_root else Path(opts.input).parent / "VQA_RAD Image Folder"
+    if not root.is_dir():
+        raise SourceError(f"image folder not found: {root} (set --image-root)")
+    rows = [r for r in data if not wanted or _split_of(r) in wanted]
+    return vqa_records(
+        rows, source=src, qa_keys=QA_KEYS,
+        # one image can be asked about in both splits: keep them as separate samples
+        image_id=lambda r: f"{_split_of(r)}-{Path(r['image_name']).stem}" if r.get("image_name") else None,
+        make_ref=lambda r: ImageRef(load_image_file, (str(root / r["image_name"]), opts.max_pixels)),
+        meta_of=lambda r: {"source": src, "modality": opts.modality or "radiology", "organ": r.get("image_organ"),
+                           "split": _split_of(r)})

@@ -1,0 +1,53 @@
+"""Shared fixtures: the repository root, the real annotation fixtures, a small synthetic corpus."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = REPO / "tests" / "fixtures"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped on CPU-only machines)")
+    config.addinivalue_line("markers", "slow: longer end-to-end tests")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="no CUDA GPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory) -> Path:
+    """A small synthetic corpus (data_prep.synth), shared by the whole session: read, never modify."""
+    from data_prep.synth import main
+
+    out = tmp_path_factory.mktemp("synth") / "corpus"
+    assert main(["--out", str(out), "--num-train", "240", "--num-test", "40", "--image-size", "32",
+                 "--shard-size", "50", "--workers", "0", "--quiet"]) == 0
+    return out
+
+
+def stand_in_images(root: Path, names, size=(32, 32), mode="RGB"):
+    """Draw a distinct stand-in image for each relative name under root (fixtures ship no images)."""
+    for i, name in enumerate(names):
+        p = root / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if not p.exists():
+            Image.new(mode, size, (i * 37 % 255, 40, 90) if mode == "RGB" else i * 37 % 255).save(p)
+
+
+def load_fixture(rel: str):
+    return json.loads((FIXTURES / rel).read_text())

@@ -1,0 +1,100 @@
+"""Typed configuration: YAML files plus dotted ``key=value`` overrides -> dataclasses.
+
+Every component owns one dataclass whose fields are documented and validated in
+``__post_init__``. OmegaConf's structured configs do the merging and type checking, so a
+YAML key or an override that the dataclass does not declare is an error naming the key and
+the file (litgpt and torchtitan behave the same way). Entry points turn ``ConfigError`` into
+exit code 2 before anything is written.
+
+    cfg = load_config(DataConfig, "configs/data/demo.yaml", ["batch_size=64", "shuffle.buffer=500"])
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key and the file."""
+
+    exit_code = 2
+
+
+def _describe(err: OmegaConfBaseException) -> str:
+    # OmegaConf messages carry 'full_key: ...' lines; keep the first line and the key.
+    msg = str(err).splitlines()[0]
+    key = getattr(err, "full_key", None)
+    return f"{msg} (key: {key})" if key and key not in msg else msg
+
+
+def parse_overrides(overrides: Sequence[str]) -> list[str]:
+    """Validate ``key=value`` overrides; ``--key=value`` and ``key value`` forms are rejected clearly."""
+    out = []
+    for item in overrides:
+        if "=" not in item or item.startswith("-"):
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+        out.append(item)
+    return out
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """Build ``cls`` from its defaults, then the YAML file at ``path``, then the overrides."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    base = OmegaConf.structured(cls)
+    where = "the defaults"
+    try:
+        if path is not None:
+            path = Path(path)
+            where = str(path)
+            if not path.is_file():
+                raise ConfigError(f"config file not found: {path}")
+            try:
+                data = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML: {e}") from None
+            if not isinstance(data, dict):
+                raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+            base = OmegaConf.merge(base, OmegaConf.create(data))
+        for item in parse_overrides(overrides):
+            where = f"the command line ({item})"
+            key, value = item.split("=", 1)
+            # yaml parsing gives numbers, booleans, null and [lists]; list items by index: sources.0.path=...
+            OmegaConf.update(base, key, yaml.safe_load(value) if value else value, merge=True)
+        where = str(path) if path is not None else "the defaults"
+        obj = OmegaConf.to_object(base)
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{where}: {_describe(e)}") from None
+    except (ValueError, TypeError) as e:  # raised by a dataclass's __post_init__
+        raise ConfigError(f"{where}: {e}") from None
+    return obj  # type: ignore[return-value]
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain dict of a config dataclass (for logging and for saving beside checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def schema_for(path: str | Path) -> type:
+    """The dataclass that a YAML file under ``configs/<kind>/`` is validated against."""
+    from vlm.data.concepts import VocabularyConfig
+    from vlm.data.shards import DataConfig
+
+    schemas: dict[str, type] = {"data": DataConfig, "concepts": VocabularyConfig}
+    kind = Path(path).parent.name
+    if kind not in schemas:
+        raise ConfigError(f"{path}: no schema for configs/{kind}/ (known: {sorted(schemas)})")
+    return schemas[kind]

@@ -1,0 +1,34 @@
+"""Small shared helpers for entry points: logging set-up and error-to-exit-code mapping."""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+
+USAGE_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError)
+
+
+def setup_logging(quiet: bool = False) -> None:
+    level = logging.WARNING if quiet else logging.INFO
+    rank = os.environ.get("RANK")
+    prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
+    logging.basicConfig(level=level, format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+
+
+def cli(main):
+    """Wrap an entry point's ``main``: expected user errors print one clear line and exit 2."""
+
+    @functools.wraps(main)
+    def wrapper(argv=None):
+        try:
+            return main(argv)
+        except USAGE_ERRORS as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+
+    return wrapper
