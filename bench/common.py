@@ -1,0 +1,54 @@
+"""Shared benchmark helpers: the peer's virtual environment and JSON result lines.
+
+open_clip_train 3.3 crashes on webdataset 1.x (KeyError: 'fname', open_clip issue #935) and runs
+with webdataset 0.2.86. The peer therefore runs in `.peer-venv`, created on first use: a bare
+venv holding webdataset 0.2.86 whose site-packages come first, with our `.venv` site-packages
+appended by a .pth file (torch and open_clip are shared, not reinstalled). Our webdataset is
+never pinned down.
+"""
+from __future__ import annotations
+
+import json
+import os
+import site
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PEER_VENV = REPO / ".peer-venv"
+PEER_WDS = "webdataset==0.2.86"
+
+
+def peer_python() -> str:
+    py = PEER_VENV / "bin" / "python"
+    marker = PEER_VENV / ".ready"
+    if not marker.exists():
+        print(f"[bench] creating the peer environment {PEER_VENV} ({PEER_WDS})", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "venv", str(PEER_VENV)], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", PEER_WDS, "braceexpand"], check=True)
+        ours = [p for p in site.getsitepackages() if p.endswith("site-packages")][0]
+        peer_site = subprocess.run([str(py), "-c", "import site; print(site.getsitepackages()[0])"],
+                                   check=True, capture_output=True, text=True).stdout.strip()
+        Path(peer_site, "zz_medvlm_shared.pth").write_text(ours + "\n")
+        check = subprocess.run([str(py), "-c", "import webdataset, open_clip_train; print(webdataset.__version__)"],
+                               check=True, capture_output=True, text=True).stdout.strip()
+        if check != PEER_WDS.split("==")[1]:
+            raise RuntimeError(f"peer venv has webdataset {check}, expected {PEER_WDS}")
+        marker.write_text("ok\n")
+    return str(py)
+
+
+def run_json(cmd: list[str], env: dict | None = None, timeout: int = 1800) -> dict:
+    """Run a command whose last stdout line is a JSON object; return it."""
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, **(env or {})})
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"no JSON from {cmd}:\n{out.stdout}\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def result_line(bench: str, ours: float, peer: float, **extra) -> str:
+    return json.dumps({"bench": bench, "ours": round(ours, 2), "peer": round(peer, 2),
+                       "ratio": round(ours / peer, 3) if peer else None, **extra})
