@@ -5,6 +5,7 @@ import functools
 import logging
 import os
 import sys
+from pathlib import Path
 
 USAGE_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError)
 
@@ -32,3 +33,15 @@ def cli(main):
             return 130
 
     return wrapper
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write to ``path.tmp`` then rename, so readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

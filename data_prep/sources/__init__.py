@@ -31,11 +31,12 @@ def require_file(path, what: str) -> Path:
 
 
 def load_json(path, what: str):
-    p = require_file(path, what)
+    from vlm.data.formats import FormatError, load_json_file
+
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SourceError(f"{p}: not valid JSON ({e})") from None
+        return load_json_file(path, what)
+    except FormatError as e:
+        raise SourceError(str(e)) from None
 
 
 def load_table(path) -> tuple[list[str], list[dict]]:
@@ -134,28 +135,11 @@ def vqa_records(rows: list[dict], *, source: str, image_id, make_ref, meta_of, q
     return gen(), len(groups) + len(rejected)
 
 
-def read_parquet_rows(path) -> list[tuple[str, list[dict]]]:
-    """A parquet file or a folder of them (Hugging Face layout) -> [(split, rows)], split from file names."""
-    import pyarrow.parquet as pq
+def read_parquet_rows(path):
+    from vlm.data.formats import FormatError
+    from vlm.data.formats import read_parquet_rows as read
 
-    p = Path(path)
-    files = sorted(p.rglob("*.parquet")) if p.is_dir() else [p]
-    if not files or not files[0].is_file():
-        raise SourceError(f"no parquet files at {p}")
-    out = []
-    for f in files:
-        split = f.name.split("-")[0].split(".")[0]
-        split = {"validation": "val", "valid": "val"}.get(split, split)
-        try:
-            out.append((split, pq.read_table(f).to_pylist()))
-        except Exception as e:  # pyarrow raises several types for a broken file
-            raise SourceError(f"{f}: cannot read parquet ({e})") from None
-    return out
-
-
-def parquet_image(row: dict):
-    """The image bytes of a Hugging Face parquet row ({'image': {'bytes', 'path'}})."""
-    img = row.get("image")
-    if isinstance(img, dict):
-        return img.get("bytes")
-    return img if isinstance(img, (bytes, bytearray)) else None
+    try:
+        return read(path)
+    except FormatError as e:
+        raise SourceError(str(e)) from None

@@ -7,27 +7,20 @@ numbers: a pickle that names any class or function is refused, never executed.
 from __future__ import annotations
 
 import hashlib
-import io
-import pickle
 from pathlib import Path
 
-from data_prep.sources import SourceError, parquet_image, read_parquet_rows, require_file, vqa_records
+from data_prep.sources import SourceError, read_parquet_rows, vqa_records
+from vlm.data.formats import FormatError, load_plain_pickle as _load_plain_pickle, parquet_image
 from data_prep.writer import ImageRef, load_image_bytes, load_image_file
 
 QA_KEYS = ("qid", "question", "answer", "answer_type")
 
 
-class _PlainUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only plain data is accepted")
-
-
 def load_plain_pickle(path) -> object:
-    data = require_file(path, "--input").read_bytes()
     try:
-        return _PlainUnpickler(io.BytesIO(data)).load()
-    except (pickle.UnpicklingError, EOFError, ValueError) as e:
-        raise SourceError(f"{path}: not a plain-data pickle ({e})") from None
+        return _load_plain_pickle(path)
+    except FormatError as e:
+        raise SourceError(str(e)) from None
 
 
 def read(opts):
@@ -39,8 +32,8 @@ def read(opts):
         for split, part in read_parquet_rows(p):
             if wanted and split not in wanted:
                 continue
-            for i, r in enumerate(part):
-                r.update(qid=i, split=split)
+            for r in part:  # qid: the row's index within its split (vlm.data.formats)
+                r["split"] = split
                 rows.append(r)
 
         def image_id(r):

@@ -9,15 +9,11 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from data_prep.sources import (SourceError, load_json, parquet_image, read_parquet_rows, vqa_records)
+from data_prep.sources import SourceError, load_json, read_parquet_rows, vqa_records
+from vlm.data.formats import parquet_image, vqa_rad_split
 from data_prep.writer import ImageRef, load_image_bytes, load_image_file
 
-TEST_PHRASES = {"test_freeform", "test_para"}
 QA_KEYS = ("qid", "question", "answer", "answer_type", "question_type", "phrase_type", "image_organ")
-
-
-def _split_of(r: dict) -> str:
-    return "test" if r.get("phrase_type") in TEST_PHRASES else "train"
 
 
 def read(opts):
@@ -28,8 +24,8 @@ def read(opts):
         for split, part in read_parquet_rows(opts.input):
             if wanted and split not in wanted:
                 continue
-            for i, r in enumerate(part):
-                r.update(qid=i, split=split)
+            for r in part:  # qid: the row's index within its split (vlm.data.formats)
+                r["split"] = split
                 rows.append(r)
 
         def image_id(r):
@@ -46,11 +42,11 @@ def read(opts):
     root = Path(opts.image_root) if opts.image_root else Path(opts.input).parent / "VQA_RAD Image Folder"
     if not root.is_dir():
         raise SourceError(f"image folder not found: {root} (set --image-root)")
-    rows = [r for r in data if not wanted or _split_of(r) in wanted]
+    rows = [r for r in data if not wanted or vqa_rad_split(r) in wanted]
     return vqa_records(
         rows, source=src, qa_keys=QA_KEYS,
         # one image can be asked about in both splits: keep them as separate samples
-        image_id=lambda r: f"{_split_of(r)}-{Path(r['image_name']).stem}" if r.get("image_name") else None,
+        image_id=lambda r: f"{vqa_rad_split(r)}-{Path(r['image_name']).stem}" if r.get("image_name") else None,
         make_ref=lambda r: ImageRef(load_image_file, (str(root / r["image_name"]), opts.max_pixels)),
         meta_of=lambda r: {"source": src, "modality": opts.modality or "radiology", "organ": r.get("image_organ"),
-                           "split": _split_of(r)})
+                           "split": vqa_rad_split(r)})

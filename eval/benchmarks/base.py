@@ -1,0 +1,72 @@
+"""Benchmark base classes: a benchmark loads its items from the official release and knows its protocol."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Optional, Union
+
+from vlm.data.formats import FormatError
+
+
+class BenchmarkError(FormatError):
+    """A data root that is not the benchmark's official layout."""
+
+
+@dataclass
+class VQAItem:
+    qid: object  # the benchmark's own question id (int or str)
+    question: str
+    answer: str
+    answer_type: str  # OPEN | CLOSED
+    image: Union[str, bytes, None] = None  # a path, or the bytes (parquet releases)
+    categories: dict = field(default_factory=dict)  # answer_type, content_type, modality, organ, ...
+
+
+@dataclass
+class ReportItem:
+    id: str
+    report: str
+    images: list[str] = field(default_factory=list)
+
+
+class VQABenchmark:
+    name: ClassVar[str] = ""
+    default_split: ClassVar[str] = "test"
+
+    def __init__(self, data_root: str | Path, split: Optional[str] = None, lang: str = "en"):
+        self.root = Path(data_root)
+        self.split = split or self.default_split
+        self.lang = lang
+        if not self.root.exists():
+            raise BenchmarkError(f"{self.name}: --data-root not found: {self.root}")
+
+    def load(self) -> list[VQAItem]:
+        raise NotImplementedError
+
+
+class ReportBenchmark:
+    """R2Gen's annotation.json layout: {"train", "val", "test"} of {"id", "report", "image_path"}."""
+
+    name: ClassVar[str] = ""
+    cleaner: ClassVar[str] = ""  # the R2Gen cleaning function of this data set
+
+    def __init__(self, annotation: str | Path, split: str = "test", image_root: Optional[str | Path] = None):
+        from vlm.data.formats import load_json_file
+
+        self.annotation = Path(annotation)
+        self.split = split
+        self.image_root = Path(image_root) if image_root else self.annotation.parent / "images"
+        data = load_json_file(self.annotation, "--annotation")
+        if not isinstance(data, dict) or split not in data:
+            have = list(data) if isinstance(data, dict) else type(data).__name__
+            raise BenchmarkError(f"{self.annotation}: no split {split!r} in R2Gen's layout (it has {have})")
+        self.records = data[split]
+
+    def load(self) -> list[ReportItem]:
+        items = []
+        for i, r in enumerate(self.records):
+            if not isinstance(r, dict) or "id" not in r or not isinstance(r.get("report"), str):
+                raise BenchmarkError(f"{self.annotation}: {self.split}[{i}] lacks 'id' or 'report'")
+            paths = r.get("image_path") or []
+            items.append(ReportItem(str(r["id"]), r["report"], [str(self.image_root / p) for p in paths]))
+        return items

@@ -1,0 +1,37 @@
+"""VQA-RAD (Lau et al. 2018): the official ``VQA_RAD Dataset Public.json`` (test = phrase_type
+test_freeform + test_para, 451 questions; train the other 1,797) with ``VQA_RAD Image Folder/``,
+or the Hugging Face parquet release (question id = row index within the split).
+"""
+from __future__ import annotations
+
+from eval.benchmarks.base import BenchmarkError, VQABenchmark, VQAItem
+from vlm.data.formats import VQA_RAD_FILE, answer_type, load_json_file, parquet_image, read_parquet_rows, vqa_rad_split
+
+
+class VQARad(VQABenchmark):
+    name = "vqa_rad"
+
+    def load(self) -> list[VQAItem]:
+        official = self.root / VQA_RAD_FILE if self.root.is_dir() else self.root
+        if official.is_file() and official.suffix == ".json":
+            data = load_json_file(official)
+            items = []
+            for i, r in enumerate(data):
+                missing = [k for k in ("qid", "question", "answer", "phrase_type") if k not in r]
+                if missing:
+                    raise BenchmarkError(f"{official}: record {i} lacks {missing}")
+                if vqa_rad_split(r) != self.split:
+                    continue
+                ans = str(r["answer"])
+                items.append(VQAItem(
+                    r["qid"], r["question"], ans, answer_type(r, ans),
+                    image=str(official.parent / "VQA_RAD Image Folder" / r["image_name"]),
+                    categories={"answer_type": answer_type(r, ans), "question_type": r.get("question_type"),
+                                "organ": r.get("image_organ"), "phrase_type": r.get("phrase_type")}))
+            return items
+        splits = dict(read_parquet_rows(self.root))
+        if self.split not in splits:
+            raise BenchmarkError(f"vqa_rad: no {VQA_RAD_FILE} and no {self.split!r} parquet split in {self.root}")
+        return [VQAItem(r["qid"], r["question"], str(r["answer"]), answer_type(r, r["answer"]),
+                        image=parquet_image(r), categories={"answer_type": answer_type(r, r["answer"])})
+                for r in splits[self.split]]

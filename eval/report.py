@@ -1,0 +1,95 @@
+"""Radiology report generation: score predictions (and, with a trained assistant, generate them).
+
+    python -m eval.report score --benchmark iu_xray --annotation iu_xray/annotation.json --split test \\
+        --predictions reports.jsonl --out iu_xray.json
+
+The annotation is R2Gen's layout ({"train", "val", "test"} of {"id", "report", "image_path"}).
+Predictions: JSONL, one {"id": <the annotation's id>, "text": "..."} a line. By default R2Gen's
+protocol: its report cleaning on references and predictions alike, then pycocoevalcap's
+BLEU-1..4, METEOR, ROUGE-L and CIDEr (--text ptb: the COCO caption protocol; raw: white space
+only). CheXbert and RadGraph F1 are added when their packages and weights are installed locally,
+else listed under "unavailable" with the reason. Also writes OUT's stem + .reports.csv.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from eval.benchmarks import REPORT_BENCHMARKS
+from eval.predictions import read_predictions
+from eval.report_metrics import clinical_metrics, lexical_metrics, prepare
+from vlm.utils import atomic_write_text, cli, setup_logging
+
+log = logging.getLogger("eval.report")
+
+
+def score(args) -> dict:
+    t0 = time.time()
+    bench = REPORT_BENCHMARKS[args.benchmark](args.annotation, split=args.split)
+    items = bench.load()
+    if not items:
+        raise ValueError(f"{args.annotation}: split {args.split!r} is empty")
+    preds, missing = read_predictions(args.predictions, "id", [it.id for it in items], args.allow_missing)
+    raw_refs = {it.id: it.report for it in items}
+    raw_preds = {it.id: preds.get(it.id, "") for it in items}
+    refs, hyps = prepare(raw_refs, args.text, bench.cleaner), prepare(raw_preds, args.text, bench.cleaner)
+    scores, unavailable = lexical_metrics(refs, hyps)
+    result = {"benchmark": args.benchmark, "split": args.split, "text_processing": args.text,
+              "num_reports": len(items), "num_missing": len(missing), **scores}
+    if not args.no_clinical:
+        clinical, unavailable_c = clinical_metrics([raw_refs[i] for i in raw_refs], [raw_preds[i] for i in raw_refs])
+        result.update(clinical)
+        unavailable.update(unavailable_c)
+    result["unavailable"] = unavailable
+    result["seconds"] = round(time.time() - t0, 2)
+    out = Path(args.out)
+    atomic_write_text(out, json.dumps(result, indent=1) + "\n")
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["id", "reference", "prediction", "reference_processed", "prediction_processed"])
+    for it in items:
+        w.writerow([it.id, raw_refs[it.id], raw_preds[it.id], refs[it.id][0], hyps[it.id][0]])
+    atomic_write_text(out.with_suffix(".reports.csv"), buf.getvalue())
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m eval.report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("score", help="score a predictions JSONL against an R2Gen annotation file")
+    s.add_argument("--benchmark", required=True, choices=sorted(REPORT_BENCHMARKS))
+    s.add_argument("--annotation", required=True, help="R2Gen's annotation.json")
+    s.add_argument("--split", default="test")
+    s.add_argument("--predictions", required=True, help='JSONL of {"id", "text"}')
+    s.add_argument("--out", required=True, help="result JSON (a .reports.csv is written beside it)")
+    s.add_argument("--text", default="r2gen", choices=["r2gen", "ptb", "raw"],
+                   help="text processing before scoring (default r2gen: R2Gen's cleaning)")
+    s.add_argument("--allow-missing", action="store_true", help="score studies without a prediction as empty")
+    s.add_argument("--no-clinical", action="store_true", help="skip CheXbert/RadGraph even if installed")
+    return p
+
+
+@cli
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    if args.command == "score":
+        r = score(args)
+        keys = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider")
+        print(" ".join(f"{k}={r[k]:.4f}" if r[k] is not None else f"{k}=n/a" for k in keys)
+              + f" ({r['num_reports']} reports)")
+        for name, why in r["unavailable"].items():
+            print(f"{name}: unavailable: {why}")
+        log.info("wrote %s in %.1fs", args.out, r["seconds"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Medical VQA: score predictions (and, with a trained assistant, generate them).
+
+    python -m eval.vqa score --benchmark slake --data-root Slake1.0 --predictions answers.jsonl --out slake.json
+
+Benchmarks: vqa_rad (official JSON or HF parquet), slake (official JSON, English by default),
+pathvqa (HF parquet or original pkl). Predictions: JSONL, one {"question_id": <the benchmark's own
+id>, "text": "..."} a line. Writes OUT (JSON: strict metrics, the `llava_med` block computed as
+LLaVA-Med v1 does, per-category breakdowns, bootstrap 95% intervals), OUT's stem + .questions.csv
+(one row per question) and + .md (a markdown table). See eval/metrics.py for the definitions.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from eval.benchmarks import VQA_BENCHMARKS
+from eval.metrics import aggregate, bootstrap_ci, breakdown, score_question
+from eval.predictions import read_predictions
+from vlm.utils import atomic_write_text, cli, setup_logging
+
+log = logging.getLogger("eval.vqa")
+
+
+def score(args) -> dict:
+    t0 = time.time()
+    bench = VQA_BENCHMARKS[args.benchmark](args.data_root, split=args.split, lang=args.lang)
+    items = bench.load()
+    if not items:
+        raise ValueError(f"{args.benchmark}: no questions in split {bench.split!r} (lang {args.lang})")
+    preds, missing = read_predictions(args.predictions, "question_id", [it.qid for it in items], args.allow_missing)
+    scored = [score_question(it.qid, it.question, it.answer, preds.get(str(it.qid), ""), it.answer_type,
+                             it.categories) for it in items]
+    result = {"benchmark": args.benchmark, "split": bench.split, "lang": args.lang, **aggregate(scored),
+              "num_missing": len(missing)}
+    if missing:
+        log.warning("%d questions had no prediction and were scored as wrong", len(missing))
+    if args.bootstrap:
+        result["ci95"] = bootstrap_ci(scored, n=args.bootstrap, seed=args.seed)
+    result["breakdown"] = breakdown(scored)
+    result["predictions"] = str(args.predictions)
+    result["seconds"] = round(time.time() - t0, 3)
+    out = Path(args.out)
+    atomic_write_text(out, json.dumps(result, indent=1) + "\n")
+    atomic_write_text(out.with_suffix(".questions.csv"), _csv(scored))
+    atomic_write_text(out.with_suffix(".md"), markdown(result))
+    return result
+
+
+def _csv(scored) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    cats = sorted({k for q in scored for k in q.categories})
+    w.writerow(["question_id", "answer_type", "question", "answer", "prediction", "strict_correct",
+                "exact_match", "token_f1", "recall", "llava_med_hit", "llava_med_recall", *cats])
+    for q in scored:
+        w.writerow([q.qid, q.answer_type, q.question, q.answer, q.prediction, q.strict.get("correct", ""),
+                    q.strict.get("exact_match", ""), q.strict.get("token_f1", ""), q.strict.get("recall", ""),
+                    q.llava_med["hit"], q.llava_med.get("recall", ""), *[q.categories.get(c, "") for c in cats]])
+    return buf.getvalue()
+
+
+def _pct(x) -> str:
+    return f"{100 * x:.1f}"
+
+
+def markdown(r: dict) -> str:
+    ci = r.get("ci95", {})
+
+    def cell(key, value):
+        return _pct(value) + (f" [{_pct(ci[key][0])}, {_pct(ci[key][1])}]" if key in ci else "")
+
+    lm = r["llava_med"]
+    lines = [f"## {r['benchmark']} ({r['split']}, {r['lang']}): {r['num_closed']} closed, {r['num_open']} open",
+             "", "| metric | value (95% CI) |", "|---|---|",
+             f"| closed accuracy (strict) | {cell('closed_accuracy', r['closed_accuracy'])} |",
+             f"| open recall | {cell('open_recall', r['open_recall'])} |",
+             f"| open exact match | {cell('exact_match', r['exact_match'])} |",
+             f"| open token F1 | {cell('token_f1', r['token_f1'])} |",
+             f"| LLaVA-Med closed (substring) | {cell('llava_med.closed_accuracy', lm['closed_accuracy'])} |",
+             f"| LLaVA-Med open recall | {cell('llava_med.open_recall', lm['open_recall'])} |",
+             f"| LLaVA-Med open substring acc. | {_pct(lm['open_substring_accuracy'])} |", ""]
+    for cat, groups in r.get("breakdown", {}).items():
+        lines += [f"### by {cat}", "", "| value | closed n | closed acc | open n | open recall |", "|---|---|---|---|---|"]
+        for v, m in groups.items():
+            lines.append(f"| {v} | {m['num_closed']} | {_pct(m['closed_accuracy'])} | {m['num_open']} | "
+                         f"{_pct(m['open_recall'])} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m eval.vqa", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("score", help="score a predictions JSONL against a benchmark")
+    s.add_argument("--benchmark", required=True, choices=sorted(VQA_BENCHMARKS))
+    s.add_argument("--data-root", required=True, help="the benchmark's official release folder (or file)")
+    s.add_argument("--predictions", required=True, help='JSONL of {"question_id", "text"}')
+    s.add_argument("--out", required=True, help="result JSON (a .questions.csv and a .md are written beside it)")
+    s.add_argument("--split", default=None, help="default: test")
+    s.add_argument("--lang", default="en", choices=["en", "zh", "all"], help="SLAKE question language")
+    s.add_argument("--allow-missing", action="store_true", help="score questions without a prediction as wrong")
+    s.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs (0: none)")
+    s.add_argument("--seed", type=int, default=0)
+    return p
+
+
+@cli
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    if args.command == "score":
+        r = score(args)
+        print(markdown(r).split("\n### ")[0])
+        log.info("wrote %s (+ .questions.csv, .md) in %.2fs", args.out, r["seconds"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

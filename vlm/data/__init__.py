@@ -1,0 +1,1 @@
+"""Data: the shard schema shared with data_prep, the streaming pipeline, image transforms."""
