@@ -4,8 +4,21 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from vlm.config import ConfigError, load_config, schema_for
+from vlm.config import ConfigError, load_config
+from vlm.data.concepts import VocabularyConfig
 from vlm.data.shards import DataConfig
+
+
+def schema_for(path: Path) -> type:
+    """The dataclass a YAML under configs/<kind>/ is validated against (the entry point that reads it)."""
+    from train.config import ClipRunConfig
+    from vlm.zeroshot import PromptConfig
+
+    schemas = {"data": DataConfig, "concepts": VocabularyConfig, "clip": ClipRunConfig, "prompts": PromptConfig}
+    kind = Path(path).parent.name
+    if kind not in schemas:
+        raise ConfigError(f"{path}: no schema for configs/{kind}/ (known: {sorted(schemas)})")
+    return schemas[kind]
 
 YAMLS = sorted((REPO / "configs").rglob("*.yaml"))
 

@@ -86,15 +86,3 @@ def to_dict(cfg: Any) -> dict:
 
 def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-
-def schema_for(path: str | Path) -> type:
-    """The dataclass that a YAML file under ``configs/<kind>/`` is validated against."""
-    from vlm.data.concepts import VocabularyConfig
-    from vlm.data.shards import DataConfig
-
-    schemas: dict[str, type] = {"data": DataConfig, "concepts": VocabularyConfig}
-    kind = Path(path).parent.name
-    if kind not in schemas:
-        raise ConfigError(f"{path}: no schema for configs/{kind}/ (known: {sorted(schemas)})")
-    return schemas[kind]

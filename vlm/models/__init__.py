@@ -1,1 +1,1 @@
-"""models"""
+"""Models: CLIP towers on open_clip/timm/transformers, attention implementations."""

@@ -1,0 +1,168 @@
+"""CLIP models and losses on tiny configs: gradients everywhere, reference losses, exact
+accumulation, 2-process DDP = 1 process with the doubled batch."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from conftest import REPO
+from vlm.losses import LossConfig, concept_align_loss, contrastive_loss
+from vlm.models.clip import MedCLIP, build_tokenizer
+
+
+@pytest.mark.parametrize("name", ["tiny-vit-text", "tiny-timm-text"])
+def test_every_parameter_gets_a_gradient(name):
+    torch.manual_seed(0)
+    model = MedCLIP(name)
+    tok = build_tokenizer(name)
+    s = model.image_size
+    out = model(torch.randn(4, 3, s, s), tok(["chest x-ray", "head ct", "a mass", "no effusion"]), patches=True)
+    loss = contrastive_loss(LossConfig())(out["image_features"], out["text_features"], out["logit_scale"])
+    pos = torch.eye(2, 4)
+    cemb = model.encode_text(tok(["mass", "nodule"]))
+    loss = loss + concept_align_loss(out["image_patches"], cemb, pos, model.concept_logit_scale,
+                                     model.concept_logit_bias)
+    loss.backward()
+    assert torch.isfinite(loss)
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())]
+    # the only unused parameter of a CLIP model: SigLIP's logit_bias does not exist here
+    assert no_grad == [], no_grad
+    assert out["image_patches"].shape[0] == 4 and out["image_patches"].shape[-1] == out["image_features"].shape[-1]
+
+
+def test_patch_path_pools_like_encode_image():
+    torch.manual_seed(0)
+    model = MedCLIP("tiny-vit-text").eval()
+    x = torch.randn(2, 3, 64, 64)
+    pooled, patches = model.encode_image_with_patches(x)
+    assert torch.allclose(pooled, model.encode_image(x), atol=1e-6)
+    assert patches.shape == (2, 64, 64)
+
+
+def test_clip_loss_matches_brute_force():
+    torch.manual_seed(0)
+    img, txt = F.normalize(torch.randn(6, 16), dim=-1), F.normalize(torch.randn(6, 16), dim=-1)
+    scale = torch.tensor(7.0)
+    loss = contrastive_loss(LossConfig(kind="clip"))(img, txt, scale)
+    ref = 0.0
+    for i in range(6):  # -log softmax of the matching pair, both directions, averaged
+        ref += -torch.log(torch.exp(scale * img[i] @ txt[i]) / torch.exp(scale * img[i] @ txt.T).sum())
+        ref += -torch.log(torch.exp(scale * txt[i] @ img[i]) / torch.exp(scale * txt[i] @ img.T).sum())
+    assert torch.allclose(loss, ref / 12, atol=1e-5)
+
+
+def test_siglip_loss_matches_brute_force():
+    torch.manual_seed(0)
+    img, txt = F.normalize(torch.randn(5, 16), dim=-1), F.normalize(torch.randn(5, 16), dim=-1)
+    scale, bias = torch.tensor(10.0), torch.tensor(-3.0)
+    loss = contrastive_loss(LossConfig(kind="siglip"))(img, txt, scale, bias)
+    ref = 0.0
+    for i in range(5):
+        for j in range(5):
+            z = 1.0 if i == j else -1.0
+            ref += -F.logsigmoid(z * (scale * img[i] @ txt[j] + bias))
+    assert torch.allclose(loss, ref / 5, atol=1e-5)  # open_clip normalises by the batch size
+
+
+def test_concept_loss_matches_brute_force():
+    torch.manual_seed(0)
+    patches = F.normalize(torch.randn(3, 4, 8), dim=-1)
+    concepts = F.normalize(torch.randn(2, 8), dim=-1)
+    pos = torch.tensor([[1.0, 0, 1], [0, 1, 0]])
+    s, b = torch.tensor(1.5), torch.tensor(-2.0)
+    loss = concept_align_loss(patches, concepts, pos, s, b)
+    ref = 0.0
+    for c in range(2):
+        for j in range(3):
+            best = max(float(concepts[c] @ patches[j, n]) for n in range(4))
+            logit = torch.exp(s) * best + b
+            ref += F.binary_cross_entropy_with_logits(logit, pos[c, j])
+    assert torch.allclose(loss, ref / 6, atol=1e-5)
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_gradient_accumulation_equals_large_batch(synth_dir):
+    """ClipTask with 2 micro-batches of 4 == 1 batch of 8 (contrastive + concept), gradient for gradient."""
+    from train.clip import ClipTask
+    from train.config import ClipRunConfig
+    from train.distributed import Dist
+    from train.trainer import StepContext
+    from vlm.data.shards import DataConfig, ShardLoader, SourceConfig
+    from vlm.data.transforms import ImageConfig
+
+    cfg = ClipRunConfig()
+    cfg.loss.concept_weight = 0.5
+    tok = build_tokenizer("tiny-vit-text")
+    loader = ShardLoader(DataConfig(sources=[SourceConfig(str(synth_dir / "pretrain"))], batch_size=8,
+                                    num_workers=0, image=ImageConfig(size=64)), tokenize=tok)
+    big = next(iter(loader))
+    assert any(m.get("concepts") for m in big["meta"])
+    halves = [{k: (v[:4] if k != "meta" else v[:4]) for k, v in big.items() if k in ("images", "tokens", "meta", "keys")},
+              {k: (v[4:] if k != "meta" else v[4:]) for k, v in big.items() if k in ("images", "tokens", "meta", "keys")}]
+    results = []
+    for batches in ([big], halves):
+        torch.manual_seed(0)
+        model = MedCLIP("tiny-vit-text")
+        task = ClipTask(cfg, tok)
+        metrics = task.train_step(model, batches, StepContext(model, Dist(), "fp32"))
+        results.append((metrics, _grads(model)))
+    (m1, g1), (m2, g2) = results
+    assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-5)
+    assert set(g1) == set(g2)
+    for n in g1:
+        assert torch.allclose(g1[n], g2[n], atol=1e-6, rtol=1e-4), n
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_two_process_ddp_equals_one_process(tmp_path, kind):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    script = str(REPO / "tests" / "dist" / "clip_grads.py")
+    subprocess.run([sys.executable, script, str(tmp_path / "one.st"), kind], check=True, env=env)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                    str(29500 + os.getpid() % 1000), script, str(tmp_path / "two.st"), kind],
+                   check=True, env=env, capture_output=True)
+    one, two = load_file(tmp_path / "one.st"), load_file(tmp_path / "two.st")
+    assert torch.allclose(one["loss"], two["loss"], atol=1e-5), (one["loss"], two["loss"])
+    assert set(one) == set(two)
+    for k in one:
+        assert torch.allclose(one[k], two[k], atol=1e-5, rtol=1e-4), k
+
+
+def test_hf_text_tower_from_local_folder(tmp_path):
+    """A Hugging Face text tower from a local folder: a 2-layer BERT and a tokenizer trained here."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tk.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tk.train_from_iterator(["chest x-ray with a nodule", "head ct no abnormality", "mass in the left lung"] * 20,
+                           trainers.WordPieceTrainer(vocab_size=200, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
+    tk.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=48)
+    folder = tmp_path / "tiny-bert"
+    fast.save_pretrained(folder)
+    BertModel(BertConfig(vocab_size=fast.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=128, max_position_embeddings=64)).save_pretrained(folder)
+    arch = json.loads((REPO / "configs/model/tiny-vit-hftext.json").read_text())
+    arch["text_cfg"]["hf_model_name"] = arch["text_cfg"]["hf_tokenizer_name"] = str(folder)
+    arch.pop("_comment")
+    model = MedCLIP(arch)
+    tok = build_tokenizer(arch)
+    t = tok(["chest x-ray with a nodule", "head ct"])
+    feats = model.encode_text(t)
+    assert feats.shape == (2, 64) and torch.allclose(feats.norm(dim=-1), torch.ones(2), atol=1e-5)
+    arch["text_cfg"]["hf_model_name"] = str(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="not a local folder"):
+        MedCLIP(arch)

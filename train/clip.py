@@ -1,0 +1,241 @@
+"""Contrastive pretraining of a medical CLIP (CLIP or SigLIP loss, optional concept alignment).
+
+    python -m train.clip --config configs/clip/demo.yaml [key=value ...]
+    torchrun --nproc_per_node 8 -m train.clip --config configs/clip/biomedclip.yaml train.resume=latest
+
+Same command on one CPU or many GPU nodes: DDP by default (train.parallel=fsdp for FSDP2), bf16
+autocast by train.precision, checkpoints every train.save_every steps in
+<train.output_dir>/checkpoints (resume with train.resume=latest), zero-shot evaluation on the
+`zeroshot` sets every train.eval_every steps and at the end. Exit code 2 for a config error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import sys
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from train.config import ClipRunConfig, LoraConfig
+from train.distributed import cleanup, init_distributed
+from train.trainer import StepContext, Trainer
+from vlm.checkpoint import load_weights_into
+from vlm.config import load_config
+from vlm.data.shards import ShardLoader
+from vlm.losses import concept_align_loss, contrastive_loss
+from vlm.models.clip import MedCLIP, build_tokenizer
+from vlm.utils import cli, setup_logging
+
+log = logging.getLogger("train.clip")
+
+
+def sample_concepts(meta: dict, limit: int) -> list[str]:
+    """The caption's present (non-negated) concept names, at most ``limit``, in text order."""
+    names = []
+    for c in meta.get("concepts") or []:
+        name = c.get("name") if isinstance(c, dict) else str(c)
+        if name and not (isinstance(c, dict) and c.get("negated")) and name not in names:
+            names.append(name)
+    return names[:limit]
+
+
+class ClipTask:
+    """One optimizer step of contrastive (+ concept) training, with exact gradient accumulation.
+
+    With several micro-batches the loss is the loss of the whole accumulated batch: features of
+    every micro-batch are computed once without gradients, then each micro-batch is recomputed
+    with gradients and put back into the full feature matrices (open_clip's approach). Shared
+    parameters that the loss uses directly (logit scales and biases, concept embeddings) get their
+    gradient from the first pass only, so the summed gradient equals the large batch's exactly.
+    """
+
+    def __init__(self, cfg: ClipRunConfig, tokenizer):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.contrastive = contrastive_loss(cfg.loss)
+        self.concepts = cfg.loss.concept_weight > 0
+
+    def _features(self, model, batch, device, concept_tokens=None):
+        return model(batch["images"].to(device, non_blocking=True), batch["tokens"].to(device, non_blocking=True),
+                     patches=self.concepts, concept_tokens=concept_tokens)
+
+    def _concept_inputs(self, batches):
+        """This rank's concept names, and the global (rank-major) concept names and image concept sets."""
+        import torch.distributed as dist
+
+        per_image = [set(sample_concepts(m, self.cfg.loss.concepts_per_sample)) for b in batches for m in b["meta"]]
+        names = sorted(set().union(*per_image)) if per_image else []
+        all_names = names
+        if dist.is_available() and dist.is_initialized():
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, (names, per_image))
+            all_names = [n for part in gathered for n in part[0]]
+            per_image = [s for part in gathered for s in part[1]]
+        return names, all_names, per_image
+
+    def train_step(self, model: nn.Module, batches: list[dict], ctx: StepContext) -> dict:
+        device = ctx.d.device
+        raw = model.module if hasattr(model, "module") else model
+        names, all_names, per_image = self._concept_inputs(batches) if self.concepts else ([], [], [])
+        positives = torch.tensor([[float(n in s) for s in per_image] for n in all_names], device=device) \
+            if all_names else None
+        # concept names go through the model's forward (inside DDP), not around it
+        ctoks = self.tokenizer(names).to(device) if names else None
+        if len(batches) == 1:
+            with ctx.autocast():
+                out = self._features(model, batches[0], device, ctoks)
+                concept_emb = out.get("concept_features")
+                loss, parts = self._loss(raw, out, out["image_features"], out["text_features"],
+                                         out.get("image_patches"), concept_emb, positives, first=True)
+            loss.backward()
+            return {k: float(v) for k, v in parts.items()} | {"logit_scale": float(out["logit_scale"].detach())}
+        with torch.no_grad(), ctx.autocast():  # pass 1: every micro-batch's features, no graph
+            cached = [self._features(model, b, device) for b in batches]
+        img = [c["image_features"] for c in cached]
+        txt = [c["text_features"] for c in cached]
+        pat = [c.get("image_patches") for c in cached]
+        total: dict = {}
+        for j, b in enumerate(batches):  # pass 2: one micro-batch with gradients at a time
+            with ctx.no_sync(last=j == len(batches) - 1), ctx.autocast():
+                out = self._features(model, b, device, ctoks)
+                img_j, txt_j, pat_j = list(img), list(txt), list(pat)
+                img_j[j], txt_j[j], pat_j[j] = out["image_features"], out["text_features"], out.get("image_patches")
+                concept_emb = out.get("concept_features")
+                if concept_emb is not None and j > 0:
+                    concept_emb = concept_emb.detach()
+                loss, parts = self._loss(raw, out, torch.cat(img_j), torch.cat(txt_j),
+                                         torch.cat(pat_j) if self.concepts else None, concept_emb, positives,
+                                         first=j == 0)
+                loss.backward()
+            if j == 0:
+                total = {k: float(v) for k, v in parts.items()}
+        return total | {"logit_scale": float(cached[0]["logit_scale"])}
+
+    def _loss(self, raw, out, img, txt, patches, concept_emb, positives, first: bool):
+        scale = out["logit_scale"] if first else out["logit_scale"].detach()
+        if self.cfg.loss.kind == "clip":
+            contrastive = self.contrastive(img, txt, scale)
+        else:
+            bias = out["logit_bias"] if first else out["logit_bias"].detach()
+            contrastive = self.contrastive(img, txt, scale, bias)
+        parts = {"loss_contrastive": contrastive.detach()}
+        loss = contrastive
+        if positives is not None:
+            cscale = raw.concept_logit_scale if first else raw.concept_logit_scale.detach()
+            cbias = raw.concept_logit_bias if first else raw.concept_logit_bias.detach()
+            if concept_emb is None:  # this rank has no concept, others do: still take part
+                concept_emb = patches.new_zeros((0, patches.shape[-1]))
+            concept = concept_align_loss(patches, concept_emb, positives, cscale, cbias)
+            loss = loss + self.cfg.loss.concept_weight * concept
+            parts["loss_concept"] = concept.detach()
+        parts["loss"] = loss.detach()
+        return loss, parts
+
+    def after_step(self, model: nn.Module) -> None:
+        with torch.no_grad():
+            model.clip.logit_scale.clamp_(0, math.log(self.cfg.loss.logit_scale_max))
+
+
+def apply_lora(model: MedCLIP, tower: str, cfg: LoraConfig) -> int:
+    """Inject LoRA adapters (peft) into the linears of one tower; returns how many modules."""
+    import re
+
+    from peft import LoraConfig as PeftLora
+    from peft import inject_adapter_in_model
+
+    prefix = "clip.visual." if tower == "image" else ("clip.text." if hasattr(model.clip, "text") else "clip.transformer.")
+    pattern = re.compile(cfg.target)
+    targets = [n for n, m in model.named_modules() if n.startswith(prefix) and isinstance(m, nn.Linear)
+               and pattern.match(n)]
+    if not targets:
+        raise ValueError(f"lora_{tower}.target matched no nn.Linear under {prefix}")
+    inject_adapter_in_model(PeftLora(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets),
+                            model, adapter_name=f"lora_{tower}")
+    return len(targets)
+
+
+def build_model(cfg: ClipRunConfig) -> MedCLIP:
+    m = cfg.model
+    model = MedCLIP(m.name)
+    if m.pretrained:
+        from safetensors.torch import load_file
+
+        load_weights_into(model.clip, load_file(m.pretrained), f"model.pretrained={m.pretrained}")
+    if m.lock_image:
+        model.lock_image(m.lock_image_unlocked_groups)
+    if m.lock_text:
+        model.lock_text(m.lock_text_unlocked_layers)
+    for tower, lora in (("image", m.lora_image), ("text", m.lora_text)):
+        if lora.r > 0:
+            n = apply_lora(model, tower, lora)
+            log.info("LoRA r=%d on %d %s-tower linears", lora.r, n, tower)
+    if m.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+def make_eval_fn(cfg: ClipRunConfig, tokenizer, device):
+    if not cfg.zeroshot:
+        return None
+    from vlm.zeroshot import zeroshot_eval
+
+    def run(model, step):
+        out = {}
+        for z in cfg.zeroshot:
+            metrics, _, _ = zeroshot_eval(model, tokenizer, z.folder, z.prompts, cfg.data.image, z.max_images, device)
+            out[z.name] = {k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "mean_auroc")}
+        return out
+
+    return run
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@cli
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.clip", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="a run config (configs/clip/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100 optim.lr=1e-4")
+    args = p.parse_args(argv)
+    cfg = load_config(ClipRunConfig, args.config, args.overrides)
+    d = init_distributed()
+    setup_logging(quiet=not d.is_main)
+    try:
+        seed_everything(cfg.train.seed + d.rank)
+        model = build_model(cfg)
+        if cfg.data.image.size != model.image_size:
+            raise ValueError(f"data.image.size={cfg.data.image.size} but model {cfg.model.name} expects "
+                             f"{model.image_size} px")
+        tokenizer = build_tokenizer(cfg.model.name)
+        loader = ShardLoader(cfg.data, rank=d.rank, world_size=d.world_size, tokenize=tokenizer)
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log.info("model %s: %.2fM parameters (%.2fM trainable); %d samples in the shards; %d step(s) of %d x %d x %d",
+                 cfg.model.name, sum(p.numel() for p in model.parameters()) / 1e6, n_train / 1e6,
+                 loader.dataset.num_samples, cfg.train.steps, d.world_size, cfg.optim.grad_accum,
+                 cfg.data.batch_size)
+        trainer = Trainer(model, ClipTask(cfg, tokenizer), loader, cfg.train, cfg.optim, d, cfg,
+                          eval_fn=make_eval_fn(cfg, tokenizer, d.device))
+        result = trainer.fit()
+        if d.is_main:
+            from vlm.utils import atomic_write_text
+
+            summary = {"step": result["step"], "final_metrics": result["metrics"], "zeroshot": result["eval"],
+                       "checkpoint_dir": str(trainer.ckpt_dir)}
+            atomic_write_text(trainer.out / "result.json", json.dumps(summary, indent=1) + "\n")
+            log.info("done: %s", json.dumps(summary["zeroshot"]))
+    finally:
+        cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Run configs of the training entry points: the library's component configs, composed.
+
+    configs/clip/*.yaml  -> ClipRunConfig   (python -m train.clip --config FILE key=value ...)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from vlm.data.shards import DataConfig
+from vlm.losses import LossConfig
+
+
+@dataclass
+class LoraConfig:
+    """LoRA on a tower through peft (attention/MLP linears)."""
+
+    r: int = 0  # 0: off
+    alpha: int = 16
+    dropout: float = 0.0
+    target: str = r".*\.(c_fc|c_proj|out_proj|qkv|fc1|fc2|query|key|value|dense)$"  # module-name regex in the tower
+
+
+@dataclass
+class ClipModelConfig:
+    """Which architecture (configs/model/<name>.json or a JSON path) and how its towers train."""
+
+    name: str = "tiny-vit-text"
+    pretrained: Optional[str] = None  # model.safetensors of ours or of an open_clip export folder
+    grad_checkpointing: bool = False
+    lock_image: bool = False
+    lock_image_unlocked_groups: int = 0  # with lock_image: keep the last N layer groups trainable
+    lock_text: bool = False
+    lock_text_unlocked_layers: int = 0
+    lora_image: LoraConfig = field(default_factory=LoraConfig)
+    lora_text: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    weight_decay: float = 0.2  # not applied to norms, biases, embeddings' positions and logit scales
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | constant
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    grad_clip: float = 1.0  # max global grad norm (0: off)
+    grad_accum: int = 1  # micro-batches per optimizer step (same gradient as the large batch)
+    ema_decay: float = 0.0  # > 0: keep an exponential moving average of the weights
+
+    def __post_init__(self):
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"optim.schedule must be cosine or constant, got {self.schedule!r}")
+        if self.grad_accum < 1:
+            raise ValueError("optim.grad_accum must be >= 1")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError("optim.ema_decay must be in [0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/clip"
+    steps: int = 1000  # optimizer steps
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard)
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 200  # checkpoint every N steps (and at the end)
+    keep_last: int = 3
+    resume: Optional[str] = None  # latest | a checkpoint folder
+    max_nonfinite: int = 10  # consecutive non-finite losses before the run stops
+    tensorboard: bool = True
+    wandb_project: Optional[str] = None
+    eval_every: int = 0  # zero-shot evaluation every N steps (0: only at the end, if sets are given)
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"train.precision must be fp32 or bf16, got {self.precision!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"train.parallel must be ddp or fsdp, got {self.parallel!r}")
+        if self.steps < 1:
+            raise ValueError("train.steps must be >= 1")
+
+
+@dataclass
+class ZeroShotSetConfig:
+    """A labelled image folder (one sub-folder per class) and its prompt file (configs/prompts/)."""
+
+    name: str = "???"
+    folder: str = "???"
+    prompts: Optional[str] = None  # YAML with templates and class synonyms; default: "a photo of {c}."
+    max_images: int = 0  # 0: all
+
+
+@dataclass
+class ClipRunConfig:
+    model: ClipModelConfig = field(default_factory=ClipModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    zeroshot: list[ZeroShotSetConfig] = field(default_factory=list)

@@ -1,0 +1,86 @@
+"""Process groups from torchrun's environment, and the one place where parallelism is applied.
+
+``python -m train.clip`` (no torchrun) runs as a single process; under ``torchrun`` RANK,
+WORLD_SIZE and LOCAL_RANK come from the environment. NCCL on GPUs, gloo on CPUs.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed() -> Dist:
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+        log.info("process group: %s, rank %d of %d", backend, rank, world)
+    return Dist(rank, world, local, device)
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x
+
+
+def parallelize(model: nn.Module, d: Dist, parallel: str = "ddp", shard_modules: tuple[type, ...] = ()) -> nn.Module:
+    """Wrap a single-device model for data parallel training: DDP, or FSDP2 (``fully_shard``)
+    applied to every ``shard_modules`` instance, then to the root. Identity in one process."""
+    model.to(d.device)
+    if not d.enabled:
+        return model
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for m in model.modules():
+            if shard_modules and isinstance(m, shard_modules):
+                fully_shard(m)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
+               find_unused_parameters=False)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel) else model

@@ -1,0 +1,288 @@
+"""The training loop shared by every entry point: steps, accumulation, AMP, clipping, non-finite
+handling, EMA, logging (console, TensorBoard, Weights & Biases) and Stateful checkpoints.
+
+A task (CLIP pretraining, instruction tuning) owns its forward and backward for one optimizer
+step (``task.train_step``): CLIP needs the whole accumulated batch in one loss, language
+modelling does not. The trainer owns everything else, so both resume the same way.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Protocol
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm import tqdm
+
+from train.distributed import Dist, all_reduce_mean, parallelize, unwrap
+from train.optim import EMA, build_optimizer, build_scheduler
+from vlm import checkpoint as ckpt
+
+log = logging.getLogger(__name__)
+
+
+class Task(Protocol):
+    def train_step(self, model: nn.Module, batches: list[dict], ctx: "StepContext") -> dict[str, float]:
+        """Forward + backward of one optimizer step over ``batches`` (the accumulated micro-batches).
+        Returns float metrics; must include "loss" (already averaged over ranks or not: the trainer
+        averages)."""
+
+    def after_step(self, model: nn.Module) -> None:
+        """Called after every optimizer step (e.g. clamp the logit scale)."""
+
+
+class StepContext:
+    def __init__(self, model: nn.Module, d: Dist, precision: str):
+        self.model, self.d, self.precision = model, d, precision
+
+    def autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.d.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def no_sync(self, last: bool):
+        """DDP gradient sync only on the last backward of a step."""
+        if not last and hasattr(self.model, "no_sync"):
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, task: Task, loader, cfg, optim_cfg, d: Dist, run_config: Any,
+                 eval_fn: Optional[Callable[[nn.Module, int], dict]] = None, lr_scales: dict | None = None,
+                 shard_modules: tuple = ()):
+        self.cfg, self.optim_cfg, self.d, self.task, self.loader = cfg, optim_cfg, d, task, loader
+        self.run_config = run_config
+        self.eval_fn = eval_fn
+        self.raw_model = model
+        self.model = parallelize(model, d, cfg.parallel, shard_modules)
+        self.opt = build_optimizer(self.model, optim_cfg, lr_scales)
+        self.sched = build_scheduler(self.opt, optim_cfg, cfg.steps)
+        self.ema = EMA(self.raw_model, optim_cfg.ema_decay) if optim_cfg.ema_decay > 0 else None
+        self.step, self.nonfinite_total, self.nonfinite_run = 0, 0, 0
+        self.out = Path(cfg.output_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.writer = self.wandb = None
+        self._batches: Optional[Iterator] = None
+        self._last_saved = -1
+
+    # -- state -------------------------------------------------------------------------------
+    def _model_state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def _optim_state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, self.opt,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def save(self) -> None:
+        model_state, optim_state = self._model_state(), self._optim_state()  # collective under FSDP
+        plain_rng, tensor_rng = ckpt.rng_state()
+        all_rng = [None] * self.d.world_size
+        if self.d.enabled:
+            dist.all_gather_object(all_rng, (plain_rng, tensor_rng))
+        else:
+            all_rng = [(plain_rng, tensor_rng)]
+        if self.d.is_main:
+            train_state = {"optimizer": optim_state, "scheduler": self.sched.state_dict(),
+                           "rng": [t for _, t in all_rng]}
+            state = {"step": self.step, "data": self.loader.state_dict(), "rng": [p for p, _ in all_rng],
+                     "nonfinite_total": self.nonfinite_total, "world_size": self.d.world_size,
+                     "config": _jsonable(self.run_config)}
+            path = ckpt.save(self.ckpt_dir, self.step, model_state, train_state, state,
+                             self.ema.state_dict() if self.ema else None, self.cfg.keep_last)
+            log.info("checkpoint -> %s", path)
+        if self.d.enabled:
+            dist.barrier()
+        self._last_saved = self.step
+
+    def resume(self, path: Path) -> None:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        model_state, train_state, state, ema = ckpt.load(path)
+        if state["world_size"] != self.d.world_size:
+            raise ckpt.CheckpointError(f"{path} was written with world size {state['world_size']}; this run has "
+                                       f"{self.d.world_size} (exact resume needs the same)")
+        if self.cfg.parallel != "fsdp" or not self.d.enabled:
+            ckpt.check_weights(unwrap(self.model), model_state, str(path))
+        opts = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.model, model_state, options=opts)
+        set_optimizer_state_dict(self.model, self.opt, train_state["optimizer"], options=opts)
+        self.sched.load_state_dict(train_state["scheduler"])
+        if self.ema is not None and ema is not None:
+            self.ema.load_state_dict(ema)
+        self.loader.load_state_dict(state["data"])
+        ckpt.set_rng_state(state["rng"][self.d.rank], train_state["rng"][self.d.rank])
+        self.step, self.nonfinite_total = state["step"], state.get("nonfinite_total", 0)
+        self._last_saved = self.step
+        log.info("resumed from %s at step %d (epoch %d, %d batches into it)", path, self.step,
+                 self.loader.epoch, self.loader.batches)
+
+    # -- data ----------------------------------------------------------------------------------
+    def _next_batch(self) -> dict:
+        while True:
+            if self._batches is None:
+                self._batches = iter(self.loader)
+            try:
+                return next(self._batches)
+            except StopIteration:
+                if self.loader.batches == 0:
+                    raise RuntimeError("the data stream yielded no batch for a whole epoch: check data.sources "
+                                       "and the skip counts above") from None
+                self.loader.set_epoch(self.loader.epoch + 1)
+                self._batches = None
+
+    # -- logging -------------------------------------------------------------------------------
+    def _open_loggers(self) -> None:
+        if not self.d.is_main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.json").write_text(json.dumps(_jsonable(self.run_config), indent=1))
+        if self.cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.out / "tensorboard"))
+        if self.cfg.wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise ValueError("train.wandb_project is set but wandb is not installed (pip install wandb)") from None
+            self.wandb = wandb.init(project=self.cfg.wandb_project, config=_jsonable(self.run_config),
+                                    dir=str(self.out), resume="allow")
+
+    def _log(self, metrics: dict) -> None:
+        if not self.d.is_main:
+            return
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": self.step, **metrics}) + "\n")
+        if self.writer:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    self.writer.add_scalar(k, v, self.step)
+        if self.wandb:
+            self.wandb.log(metrics, step=self.step)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        path = ckpt.resolve(self.cfg.resume, self.ckpt_dir)
+        if path is not None:
+            self.resume(path)
+        elif self.cfg.resume and self.cfg.resume != "latest":
+            raise ckpt.CheckpointError(f"train.resume={self.cfg.resume}: not found")
+        self._open_loggers()
+        ctx = StepContext(self.model, self.d, self.cfg.precision)
+        bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not (self.cfg.progress and self.d.is_main),
+                   desc="train", unit="step", dynamic_ncols=True)
+        last_metrics: dict = {}
+        t_log, samples_since = time.time(), 0
+        stop = {"flag": False}
+        prev = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True)) if self.d.is_main else None
+        try:
+            while self.step < self.cfg.steps and not stop["flag"]:
+                t0 = time.time()
+                batches = [self._next_batch() for _ in range(self.optim_cfg.grad_accum)]
+                data_time = time.time() - t0
+                self.model.train()
+                metrics = self.task.train_step(self.model, batches, ctx)
+                loss = all_reduce_mean(torch.tensor([metrics["loss"]], device=self.d.device)).item()
+                if not math.isfinite(loss):
+                    self._on_nonfinite(loss)
+                    continue
+                self.nonfinite_run = 0
+                if self.optim_cfg.grad_clip > 0:
+                    gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.grad_clip)
+                    metrics["grad_norm"] = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+                self.opt.step()
+                self.sched.step()
+                self.opt.zero_grad(set_to_none=True)
+                self.task.after_step(unwrap(self.model))
+                if self.ema:
+                    self.ema.update(self.raw_model)
+                self.step += 1
+                samples_since += sum(len(b.get("keys", [])) for b in batches) * self.d.world_size
+                metrics.update(loss=loss, lr=self.sched.get_last_lr()[0], data_time=data_time,
+                               skipped_samples=sum(self.loader.skipped.values()), nonfinite_steps=self.nonfinite_total)
+                last_metrics = metrics
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{metrics['lr']:.2e}")
+                if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
+                    dt = time.time() - t_log
+                    metrics["samples_per_s"] = samples_since / max(dt, 1e-9)
+                    t_log, samples_since = time.time(), 0
+                    self._log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+                              | {f"skipped/{k}": v for k, v in self.loader.skipped.items()})
+                if self.cfg.save_every and self.step % self.cfg.save_every == 0:
+                    self.save()
+                if self.eval_fn and self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
+                    self._eval()
+            if stop["flag"]:
+                log.warning("SIGTERM: saving a checkpoint at step %d and stopping", self.step)
+            if self._last_saved != self.step:
+                self.save()
+            results = self._eval() if self.eval_fn else {}
+        finally:
+            bar.close()
+            if prev is not None:
+                signal.signal(signal.SIGTERM, prev)
+            if self.writer:
+                self.writer.close()
+            if self.wandb:
+                self.wandb.finish()
+        return {"step": self.step, "metrics": last_metrics, "eval": results}
+
+    def _eval(self) -> dict:
+        model = unwrap(self.model)
+        model.eval()
+        with torch.no_grad():
+            results = self.eval_fn(model, self.step) if self.d.is_main else {}
+        if self.d.is_main and results:
+            self._log({f"eval/{k}": v for k, v in _flatten(results).items()})
+            log.info("eval at step %d: %s", self.step, json.dumps(_flatten(results)))
+        if self.d.enabled:
+            dist.barrier()
+        return results
+
+    def _on_nonfinite(self, loss: float) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        self.nonfinite_total += 1
+        self.nonfinite_run += 1
+        log.warning("non-finite loss (%s) at step %d: step skipped (%d in a row, %d in all)", loss, self.step,
+                    self.nonfinite_run, self.nonfinite_total)
+        if self.nonfinite_run >= self.cfg.max_nonfinite:
+            raise NonFiniteError(
+                f"{self.nonfinite_run} non-finite losses in a row at step {self.step}: stopping. The last good "
+                f"checkpoint is intact in {self.ckpt_dir}; lower optim.lr, use fp32, or check the data.")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "/"))
+        elif isinstance(v, (int, float)):
+            out[key] = v
+    return out
+
+
+def _jsonable(cfg) -> Any:
+    try:
+        return asdict(cfg)
+    except TypeError:
+        return cfg

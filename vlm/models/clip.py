@@ -1,0 +1,158 @@
+"""Medical CLIP on top of open_clip: any open_clip or timm image tower, any open_clip or Hugging
+Face text tower, built from an open_clip-format JSON architecture (configs/model/).
+
+``MedCLIP`` holds a stock open_clip model (``self.clip``), so its state dict is open_clip's and an
+export is a plain ``open_clip_config.json`` + weights that stock open_clip loads. Around it we add
+what medical pretraining needs: patch embeddings and token embeddings in the joint space (for
+concept alignment) and the concept head's own logit scale and bias.
+
+Shapes: images (B, 3, S, S); tokens (B, L); features (B, D) with D = embed_dim; patch embeddings
+(B, N, D) with N = (S / patch)^2.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vlm.registry import get_model_config
+
+log = logging.getLogger(__name__)
+
+
+def _hf_available(name_or_path: str) -> None:
+    """A Hugging Face text tower must be a local folder, or a hub id already in the local cache."""
+    import os
+
+    if Path(name_or_path).is_dir():
+        if not (Path(name_or_path) / "config.json").is_file():
+            raise ValueError(f"text tower folder {name_or_path} has no config.json")
+        return
+    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1
+    if looks_like_path:
+        raise ValueError(f"text tower {name_or_path!r} is not a local folder (and not a hub id 'org/name')")
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(name_or_path, "config.json")
+    except Exception:  # an invalid repo id
+        cached = None
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    if not isinstance(cached, str) and offline:
+        raise ValueError(f"text tower {name_or_path!r} is not a local folder and not in the Hugging Face cache, "
+                         "and HF_HUB_OFFLINE=1: nothing can be downloaded")
+
+
+def build_open_clip(arch: dict, pretrained_text: bool = True) -> nn.Module:
+    """An open_clip CLIP (or CustomTextCLIP for Hugging Face text towers) from an architecture dict."""
+    from open_clip.model import CLIP, CustomTextCLIP
+
+    arch = dict(arch)
+    text_cfg = dict(arch.pop("text_cfg"))
+    vision_cfg = dict(arch.pop("vision_cfg"))
+    custom = "hf_model_name" in text_cfg or arch.pop("custom_text", False)
+    if "hf_model_name" in text_cfg:
+        _hf_available(text_cfg["hf_model_name"])
+        text_cfg.setdefault("hf_model_pretrained", pretrained_text)
+    cls = CustomTextCLIP if custom else CLIP
+    return cls(vision_cfg=vision_cfg, text_cfg=text_cfg, output_dict=True, **arch)
+
+
+class MedCLIP(nn.Module):
+    def __init__(self, arch: dict | str, pretrained_text: bool = True):
+        super().__init__()
+        self.arch = get_model_config(arch) if isinstance(arch, str) else dict(arch)
+        self.clip = build_open_clip(self.arch, pretrained_text)
+        # ConceptCLIP-style patch-concept alignment has its own sigmoid scale and bias
+        self.concept_logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+        self.concept_logit_bias = nn.Parameter(torch.tensor(-10.0))
+
+    # -- properties ------------------------------------------------------------------------
+    @property
+    def image_size(self) -> int:
+        s = self.arch["vision_cfg"].get("image_size", 224)
+        return s if isinstance(s, int) else s[0]
+
+    @property
+    def context_length(self) -> int:
+        return self.arch["text_cfg"].get("context_length", 77)
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        return self.clip.logit_scale
+
+    @property
+    def logit_bias(self) -> Optional[nn.Parameter]:
+        return getattr(self.clip, "logit_bias", None)
+
+    # -- encoders --------------------------------------------------------------------------
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        return self.clip.encode_image(images, normalize=normalize)
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        return self.clip.encode_text(tokens, normalize=normalize)
+
+    def encode_image_with_patches(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (pooled (B, D), patch embeddings (B, N, D)), both L2-normalised, in the joint space."""
+        visual = self.clip.visual
+        if hasattr(visual, "trunk"):  # timm tower: per-token trunk features through the same head
+            x = visual.trunk.forward_features(images)  # (B, T, C)
+            prefix = getattr(visual.trunk, "num_prefix_tokens", 1)
+            pooled = visual.head(visual.trunk.forward_head(x))
+            patches = visual.head(x[:, prefix:])
+        else:  # open_clip VisionTransformer: tokens after ln_post, projected like the pooled one
+            was = visual.output_tokens
+            visual.output_tokens = True
+            try:
+                pooled, tokens = visual(images)
+            finally:
+                visual.output_tokens = was
+            patches = tokens @ visual.proj if visual.proj is not None else tokens
+        return F.normalize(pooled, dim=-1), F.normalize(patches, dim=-1)
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, patches: bool = False,
+                concept_tokens: Optional[torch.Tensor] = None) -> dict:
+        """Everything a step needs in one forward, so that DDP sees every parameter use.
+
+        concept_tokens: (C, L) tokenised concept names -> "concept_features" (C, D), normalised.
+        """
+        out = {"logit_scale": self.logit_scale.exp(), "logit_bias": self.logit_bias}
+        if patches:
+            out["image_features"], out["image_patches"] = self.encode_image_with_patches(images)
+        else:
+            out["image_features"] = self.encode_image(images)
+        if concept_tokens is not None and len(concept_tokens):
+            both = self.encode_text(torch.cat([tokens, concept_tokens]))
+            out["text_features"], out["concept_features"] = both[:len(tokens)], both[len(tokens):]
+        else:
+            out["text_features"] = self.encode_text(tokens)
+        return out
+
+    # -- freezing ----------------------------------------------------------------------------
+    def lock_image(self, unlocked_groups: int = 0) -> None:
+        """Freeze the image tower; keep the last ``unlocked_groups`` layer groups trainable."""
+        self.clip.lock_image_tower(unlocked_groups=unlocked_groups, freeze_bn_stats=True)
+
+    def lock_text(self, unlocked_layers: int = 0) -> None:
+        self.clip.lock_text_tower(unlocked_layers=unlocked_layers, freeze_layer_norm=True)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.clip.set_grad_checkpointing(enable)
+
+
+def build_tokenizer(arch: dict | str):
+    """The text tower's tokenizer: open_clip's BPE (shipped with open_clip) or the HF tokenizer."""
+    from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
+
+    arch = get_model_config(arch) if isinstance(arch, str) else arch
+    text_cfg = arch["text_cfg"]
+    ctx = text_cfg.get("context_length", 77)
+    if "hf_tokenizer_name" in text_cfg:
+        _hf_available(text_cfg["hf_tokenizer_name"])
+        return HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=ctx)
+    return SimpleTokenizer(context_length=ctx)
