@@ -157,7 +157,7 @@ def _lesion(case: Case, s: int, rng, view: int) -> tuple[np.ndarray, float]:
     cx += 0.03 * rng.standard_normal()
     r = 0.01 + case.size_mm / 60 * 0.14
     if case.finding == "nodule":
-        return _disk(y, x, cy, cx, max(r, 0.035), 0.01), 1.0
+        return _disk(y, x, cy, cx, max(r, 0.05), 0.01), 1.0
     if case.finding == "mass":
         wobble = 1 + 0.18 * np.sin(5 * np.arctan2(y - cy, x - cx) + rng.random() * 6)
         d = np.sqrt((y - cy) ** 2 + (x - cx) ** 2) / wobble
@@ -167,8 +167,9 @@ def _lesion(case: Case, s: int, rng, view: int) -> tuple[np.ndarray, float]:
         half = (x < 0.5) if case.side == "right" else (x >= 0.5)
         band = np.clip((y - level) / 0.02, 0, 1) * half * (y < 0.93) * (np.abs(x - 0.5) > 0.06)
         return band.astype(np.float32), 0.8
-    ring = _disk(y, x, cy, cx, r + 0.02, 0.01) - _disk(y, x, cy, cx, r, 0.01)  # cyst: bright rim, dark core
-    return ring - 0.9 * _disk(y, x, cy, cx, r, 0.01), 0.9
+    r = max(r, 0.06)
+    ring = _disk(y, x, cy, cx, r + 0.03, 0.01) - _disk(y, x, cy, cx, r, 0.01)  # cyst: bright rim, dark core
+    return 1.2 * ring - 0.9 * _disk(y, x, cy, cx, r, 0.01), 0.9
 
 
 def render(case: Case, size: int, view: int = 0) -> np.ndarray:

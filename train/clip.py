@@ -164,7 +164,9 @@ def build_model(cfg: ClipRunConfig) -> MedCLIP:
     if m.pretrained:
         from safetensors.torch import load_file
 
-        load_weights_into(model.clip, load_file(m.pretrained), f"model.pretrained={m.pretrained}")
+        weights = load_file(m.pretrained)
+        ours = any(k.startswith("clip.") for k in weights)  # our checkpoint, or an open_clip export
+        load_weights_into(model if ours else model.clip, weights, f"model.pretrained={m.pretrained}")
     if m.lock_image:
         model.lock_image(m.lock_image_unlocked_groups)
     if m.lock_text:

@@ -77,6 +77,7 @@ class Trainer:
         self.writer = self.wandb = None
         self._batches: Optional[Iterator] = None
         self._last_saved = -1
+        self._last_eval: tuple[int, dict] = (-1, {})
 
     # -- state -------------------------------------------------------------------------------
     def _model_state(self) -> dict:
@@ -235,7 +236,8 @@ class Trainer:
                 log.warning("SIGTERM: saving a checkpoint at step %d and stopping", self.step)
             if self._last_saved != self.step:
                 self.save()
-            results = self._eval() if self.eval_fn else {}
+            results = {} if not self.eval_fn else (
+                self._last_eval[1] if self._last_eval[0] == self.step else self._eval())
         finally:
             bar.close()
             if prev is not None:
@@ -256,6 +258,7 @@ class Trainer:
             log.info("eval at step %d: %s", self.step, json.dumps(_flatten(results)))
         if self.d.enabled:
             dist.barrier()
+        self._last_eval = (self.step, results)
         return results
 
     def _on_nonfinite(self, loss: float) -> None:

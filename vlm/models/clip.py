@@ -156,3 +156,41 @@ def build_tokenizer(arch: dict | str):
         _hf_available(text_cfg["hf_tokenizer_name"])
         return HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=ctx)
     return SimpleTokenizer(context_length=ctx)
+
+
+def load_clip(path: str | Path, use_ema: bool = False) -> tuple[MedCLIP, dict]:
+    """A trained CLIP from a train.clip checkpoint folder (checkpoints/step_N or its run folder) or an
+    open_clip export folder (open_clip_config.json + weights). -> (model in eval mode, info)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from vlm.checkpoint import list_checkpoints, load_weights_into
+
+    p = Path(path)
+    if (p / "checkpoints").is_dir():  # a run folder: its newest checkpoint
+        found = list_checkpoints(p / "checkpoints")
+        if not found:
+            raise ValueError(f"{p}: no complete checkpoint under checkpoints/")
+        p = found[-1]
+    if (p / "open_clip_config.json").is_file():
+        cfg = json.loads((p / "open_clip_config.json").read_text())
+        model = MedCLIP(cfg["model_cfg"], pretrained_text=False)
+        weights = next((p / n for n in ("open_clip_model.safetensors", "model.safetensors") if (p / n).is_file()), None)
+        if weights is None:
+            raise ValueError(f"{p}: no open_clip_model.safetensors")
+        load_weights_into(model.clip, load_file(weights), str(weights))
+        return model.eval(), {"arch": cfg["model_cfg"], "source": str(p), "preprocess": cfg.get("preprocess_cfg", {})}
+    if (p / "state.json").is_file() and (p / "model.safetensors").is_file():
+        state = json.loads((p / "state.json").read_text())
+        name = state["config"]["model"]["name"]
+        model = MedCLIP(name, pretrained_text=False)
+        fname = "ema.safetensors" if use_ema else "model.safetensors"
+        if not (p / fname).is_file():
+            raise ValueError(f"{p}: no {fname}" + (" (the run had no EMA)" if use_ema else ""))
+        load_weights_into(model, load_file(p / fname), str(p / fname))
+        image = state["config"].get("data", {}).get("image", {})
+        return model.eval(), {"arch": model.arch, "source": str(p), "model_name": name, "step": state["step"],
+                              "image": image, "config": state["config"]}
+    raise ValueError(f"{p} is neither a train.clip checkpoint (state.json + model.safetensors) nor an open_clip "
+                     "export (open_clip_config.json)")
