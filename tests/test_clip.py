@@ -166,3 +166,87 @@ def test_hf_text_tower_from_local_folder(tmp_path):
     arch["text_cfg"]["hf_model_name"] = str(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="not a local folder"):
         MedCLIP(arch)
+
+
+def test_attention_implementations_agree_and_keep_the_state_dict():
+    from vlm.models.attention import set_attention
+
+    torch.manual_seed(0)
+    model = MedCLIP("tiny-vit-text").eval()
+    tok = build_tokenizer("tiny-vit-text")
+    x, t = torch.randn(2, 3, 64, 64), tok(["a chest x-ray", "head ct scan"])
+    keys = list(model.state_dict())
+    with torch.no_grad():
+        ref = model.encode_image(x), model.encode_text(t)  # stock nn.MultiheadAttention
+        for impl in ("eager", "sdpa"):
+            assert set_attention(model, impl) == 4
+            out = model.encode_image(x), model.encode_text(t)
+            assert torch.allclose(out[0], ref[0], atol=1e-6) and torch.allclose(out[1], ref[1], atol=1e-6), impl
+    assert list(model.state_dict()) == keys
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["xformers", "flash_attention_2"])
+def test_gpu_attention_kernels_match_sdpa(impl):
+    pytest.importorskip("xformers" if impl == "xformers" else "flash_attn")
+    from vlm.models.attention import set_attention
+
+    torch.manual_seed(0)
+    model = MedCLIP("tiny-vit-text").cuda().eval().to(torch.bfloat16)
+    x = torch.randn(4, 3, 64, 64, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        set_attention(model, "sdpa")
+        ref = model.encode_image(x)
+        set_attention(model, impl)
+        out = model.encode_image(x)
+    assert torch.allclose(out.float(), ref.float(), atol=2e-2)
+
+
+def test_lora_trains_only_adapters_and_merges_back():
+    from vlm.models.lora import inject_lora, merge_lora
+
+    torch.manual_seed(0)
+    model = MedCLIP("tiny-vit-text")
+    base_keys = set(model.state_dict())
+    n = inject_lora(model, model.tower_prefix("image"), r".*\.(c_fc|c_proj)$", r=4, alpha=8)
+    assert n == 4  # 2 layers x (c_fc, c_proj)
+    trainable = [k for k, p in model.named_parameters() if p.requires_grad and k.startswith("clip.visual.")]
+    assert trainable and all("lora_" in k for k in trainable)
+    for k, p in model.named_parameters():
+        if "lora_B" in k:
+            torch.nn.init.normal_(p, std=0.1)  # B starts at zero; make the adapter do something
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        before = model.encode_image(x)
+    assert merge_lora(model) == 4
+    assert set(model.state_dict()) == base_keys
+    with torch.no_grad():
+        assert torch.allclose(model.encode_image(x), before, atol=1e-5)
+
+
+def test_weight_decay_groups():
+    from train.optim import param_groups
+
+    model = MedCLIP("tiny-vit-text")
+    groups = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    decay = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert "clip.logit_scale" in no_decay and "concept_logit_bias" in no_decay
+    assert all(("ln_" in n or n.endswith("bias") or "embedding" in n) for n in no_decay if "ln" in n or "bias" in n)
+    assert "clip.visual.transformer.resblocks.0.mlp.c_fc.weight" in decay
+    assert not any(n.endswith(".bias") or ".ln_" in n for n in decay)
+
+
+def test_grad_checkpointing_same_gradients():
+    tok = build_tokenizer("tiny-vit-text")
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = MedCLIP("tiny-vit-text")
+        model.set_grad_checkpointing(ckpt)
+        out = model(torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)), tok(["a", "b"]))
+        contrastive_loss(LossConfig())(out["image_features"], out["text_features"], out["logit_scale"]).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n

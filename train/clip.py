@@ -28,7 +28,9 @@ from vlm.checkpoint import load_weights_into
 from vlm.config import load_config
 from vlm.data.shards import ShardLoader
 from vlm.losses import concept_align_loss, contrastive_loss
+from vlm.models.attention import set_attention
 from vlm.models.clip import MedCLIP, build_tokenizer
+from vlm.models.lora import inject_lora
 from vlm.utils import cli, setup_logging
 
 log = logging.getLogger("train.clip")
@@ -141,21 +143,9 @@ class ClipTask:
 
 
 def apply_lora(model: MedCLIP, tower: str, cfg: LoraConfig) -> int:
-    """Inject LoRA adapters (peft) into the linears of one tower; returns how many modules."""
-    import re
-
-    from peft import LoraConfig as PeftLora
-    from peft import inject_adapter_in_model
-
-    prefix = "clip.visual." if tower == "image" else ("clip.text." if hasattr(model.clip, "text") else "clip.transformer.")
-    pattern = re.compile(cfg.target)
-    targets = [n for n, m in model.named_modules() if n.startswith(prefix) and isinstance(m, nn.Linear)
-               and pattern.match(n)]
-    if not targets:
-        raise ValueError(f"lora_{tower}.target matched no nn.Linear under {prefix}")
-    inject_adapter_in_model(PeftLora(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets),
-                            model, adapter_name=f"lora_{tower}")
-    return len(targets)
+    """LoRA (peft) on the linears of one tower; returns how many modules got an adapter."""
+    return inject_lora(model, model.tower_prefix(tower), cfg.target, cfg.r, cfg.alpha, cfg.dropout,
+                       adapter_name=f"lora_{tower}")
 
 
 def build_model(cfg: ClipRunConfig) -> MedCLIP:
@@ -177,6 +167,7 @@ def build_model(cfg: ClipRunConfig) -> MedCLIP:
             log.info("LoRA r=%d on %d %s-tower linears", lora.r, n, tower)
     if m.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    set_attention(model, m.attn_impl)
     return model
 
 

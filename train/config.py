@@ -27,6 +27,7 @@ class ClipModelConfig:
 
     name: str = "tiny-vit-text"
     pretrained: Optional[str] = None  # model.safetensors of ours or of an open_clip export folder
+    attn_impl: str = "sdpa"  # sdpa | eager | xformers | flash_attention_2 (the last two: GPU extras)
     grad_checkpointing: bool = False
     lock_image: bool = False
     lock_image_unlocked_groups: int = 0  # with lock_image: keep the last N layer groups trainable
@@ -34,6 +35,12 @@ class ClipModelConfig:
     lock_text_unlocked_layers: int = 0
     lora_image: LoraConfig = field(default_factory=LoraConfig)
     lora_text: LoraConfig = field(default_factory=LoraConfig)
+
+    def __post_init__(self):
+        from vlm.models.attention import IMPLS
+
+        if self.attn_impl not in IMPLS:
+            raise ValueError(f"model.attn_impl must be one of {IMPLS}, got {self.attn_impl!r}")
 
 
 @dataclass

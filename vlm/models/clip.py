@@ -133,6 +133,12 @@ class MedCLIP(nn.Module):
             out["text_features"] = self.encode_text(tokens)
         return out
 
+    def tower_prefix(self, tower: str) -> str:
+        """Qualified-name prefix of the image or text tower's modules."""
+        if tower == "image":
+            return "clip.visual."
+        return "clip.text." if hasattr(self.clip, "text") else "clip.transformer."
+
     # -- freezing ----------------------------------------------------------------------------
     def lock_image(self, unlocked_groups: int = 0) -> None:
         """Freeze the image tower; keep the last ``unlocked_groups`` layer groups trainable."""
@@ -183,12 +189,26 @@ def load_clip(path: str | Path, use_ema: bool = False) -> tuple[MedCLIP, dict]:
         return model.eval(), {"arch": cfg["model_cfg"], "source": str(p), "preprocess": cfg.get("preprocess_cfg", {})}
     if (p / "state.json").is_file() and (p / "model.safetensors").is_file():
         state = json.loads((p / "state.json").read_text())
-        name = state["config"]["model"]["name"]
+        mcfg = state["config"]["model"]
+        name = mcfg["name"]
         model = MedCLIP(name, pretrained_text=False)
         fname = "ema.safetensors" if use_ema else "model.safetensors"
         if not (p / fname).is_file():
             raise ValueError(f"{p}: no {fname}" + (" (the run had no EMA)" if use_ema else ""))
-        load_weights_into(model, load_file(p / fname), str(p / fname))
+        lora = {t: mcfg.get(f"lora_{t}", {}) for t in ("image", "text")}
+        if any(c.get("r", 0) > 0 for c in lora.values()):  # rebuild the adapters, load, fold them in
+            from vlm.models.lora import inject_lora
+
+            for tower, c in lora.items():
+                if c.get("r", 0) > 0:
+                    inject_lora(model, model.tower_prefix(tower), c["target"], c["r"], c["alpha"], 0.0,
+                                adapter_name=f"lora_{tower}")
+            load_weights_into(model, load_file(p / fname), str(p / fname))
+            from vlm.models.lora import merge_lora
+
+            merge_lora(model)
+        else:
+            load_weights_into(model, load_file(p / fname), str(p / fname))
         image = state["config"].get("data", {}).get("image", {})
         return model.eval(), {"arch": model.arch, "source": str(p), "model_name": name, "step": state["step"],
                               "image": image, "config": state["config"]}

@@ -1,0 +1,85 @@
+"""Attention implementations by config, for the CLIP towers (and any nn.MultiheadAttention).
+
+    sdpa               torch.nn.functional.scaled_dot_product_attention (default; flash/mem-efficient
+                       kernels on GPUs)
+    eager              explicit softmax(QK^T / sqrt(d)) V, the reference
+    xformers           xformers.ops.memory_efficient_attention (GPU extra)
+    flash_attention_2  flash_attn.flash_attn_func (GPU extra, fp16/bf16)
+
+``set_attention(model, impl)`` swaps every nn.MultiheadAttention for ``DispatchMHA``, a subclass
+with the same parameters (so state dicts, exports and checkpoints are unchanged) whose forward
+routes through the chosen kernel. Attention masks are supported by sdpa and eager; the towers'
+causal text mask is passed as a float mask.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IMPLS = ("sdpa", "eager", "xformers", "flash_attention_2")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "sdpa",
+              mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """q, k, v: (B, H, T, d) -> (B, H, T, d). mask: additive float (T, T) / (B, H, T, T), or bool (True = keep)."""
+    if impl == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if impl == "eager":
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        return scores.softmax(dim=-1) @ v
+    if mask is not None:
+        raise ValueError(f"attention impl {impl} is used here without masks; use sdpa for masked attention")
+    if impl == "xformers":
+        import xformers.ops as xops
+
+        out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2)
+    if impl == "flash_attention_2":
+        from flash_attn import flash_attn_func
+
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2)
+    raise ValueError(f"unknown attention implementation {impl!r}; choose from {IMPLS}")
+
+
+class DispatchMHA(nn.MultiheadAttention):
+    """nn.MultiheadAttention (self-attention, batch_first or not) with a selectable kernel."""
+
+    impl: str = "sdpa"
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if need_weights or key is not query or value is not query or key_padding_mask is not None \
+                or not self._qkv_same_embed_dim:
+            return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                                   attn_mask=attn_mask, average_attn_weights=average_attn_weights,
+                                   is_causal=is_causal)
+        x = query if self.batch_first else query.transpose(0, 1)  # (B, T, C)
+        B, T, C = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(B, T, 3, self.num_heads, C // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, T, d)
+        mask = attn_mask.to(q.dtype) if attn_mask is not None and attn_mask.dtype != torch.bool else attn_mask
+        if mask is not None and mask.dtype == torch.bool:
+            mask = ~mask  # nn.MultiheadAttention: True = masked out; ours: True = keep
+        out = attention(q, k, v, self.impl, mask).transpose(1, 2).reshape(B, T, C)
+        out = self.out_proj(out)
+        return (out if self.batch_first else out.transpose(0, 1)), None
+
+
+def set_attention(model: nn.Module, impl: str) -> int:
+    """Route every nn.MultiheadAttention of ``model`` through ``impl``; returns how many were set."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown attention implementation {impl!r}; choose from {IMPLS}")
+    n = 0
+    for m in model.modules():
+        if isinstance(m, nn.MultiheadAttention):
+            m.__class__ = DispatchMHA
+            m.impl = impl
+            n += 1
+    return n
