@@ -250,3 +250,19 @@ def test_grad_checkpointing_same_gradients():
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_process_step_matches_one_process(tmp_path, parallel):
+    """A full optimizer step under DDP or FSDP2 (gloo, CPU) gives the single-process weights."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    script = str(REPO / "tests" / "dist" / "fsdp_step.py")
+    subprocess.run([sys.executable, script, str(tmp_path / "one.st"), parallel], check=True, env=env)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(29600 + os.getpid() % 1000), script, str(tmp_path / "two.st"), parallel],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = load_file(tmp_path / "one.st"), load_file(tmp_path / "two.st")
+    assert set(one) == set(two)
+    for k in one:
+        assert torch.allclose(one[k], two[k], atol=1e-5), k

@@ -167,6 +167,11 @@ def build_model(cfg: ClipRunConfig) -> MedCLIP:
             log.info("LoRA r=%d on %d %s-tower linears", lora.r, n, tower)
     if m.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    if cfg.loss.concept_weight == 0:  # unused parameters must not be trainable (DDP would skip their buckets)
+        model.concept_logit_scale.requires_grad_(False)
+        model.concept_logit_bias.requires_grad_(False)
+    if cfg.loss.kind == "clip" and model.logit_bias is not None:
+        model.logit_bias.requires_grad_(False)
     set_attention(model, m.attn_impl)
     return model
 

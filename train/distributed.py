@@ -71,15 +71,31 @@ def parallelize(model: nn.Module, d: Dist, parallel: str = "ddp", shard_modules:
     if parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
+        # FSDP2 cannot shard 0-dim parameters (logit scales and biases): they stay replicated, and
+        # sync_replicated_grads averages their gradients like DDP would
+        scalars = {p for p in model.parameters() if p.ndim == 0}
         for m in model.modules():
             if shard_modules and isinstance(m, shard_modules):
-                fully_shard(m)
-        fully_shard(model)
+                fully_shard(m, ignored_params=scalars)
+        fully_shard(model, ignored_params=scalars)
+        model._replicated_params = [p for p in scalars if p.requires_grad]
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
                find_unused_parameters=False)
+
+
+def sync_replicated_grads(model: nn.Module) -> None:
+    """Average the gradients of parameters FSDP leaves replicated (no-op otherwise)."""
+    params = getattr(model, "_replicated_params", None)
+    if not params or not (dist.is_available() and dist.is_initialized()):
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= dist.get_world_size()
 
 
 def unwrap(model: nn.Module) -> nn.Module:

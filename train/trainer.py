@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from train.distributed import Dist, all_reduce_mean, parallelize, unwrap
+from train.distributed import Dist, all_reduce_mean, parallelize, sync_replicated_grads, unwrap
 from train.optim import EMA, build_optimizer, build_scheduler
 from vlm import checkpoint as ckpt
 
@@ -78,6 +78,7 @@ class Trainer:
         self._batches: Optional[Iterator] = None
         self._last_saved = -1
         self._last_eval: tuple[int, dict] = (-1, {})
+        self._first_step = 0
 
     # -- state -------------------------------------------------------------------------------
     def _model_state(self) -> dict:
@@ -131,6 +132,7 @@ class Trainer:
         self.loader.load_state_dict(state["data"])
         ckpt.set_rng_state(state["rng"][self.d.rank], train_state["rng"][self.d.rank])
         self.step, self.nonfinite_total = state["step"], state.get("nonfinite_total", 0)
+        self._first_step = self.step
         self._last_saved = self.step
         log.info("resumed from %s at step %d (epoch %d, %d batches into it)", path, self.step,
                  self.loader.epoch, self.loader.batches)
@@ -201,6 +203,9 @@ class Trainer:
                 data_time = time.time() - t0
                 self.model.train()
                 metrics = self.task.train_step(self.model, batches, ctx)
+                sync_replicated_grads(self.model)
+                if self.step == self._first_step:
+                    self._check_all_params_used()
                 loss = all_reduce_mean(torch.tensor([metrics["loss"]], device=self.d.device)).item()
                 if not math.isfinite(loss):
                     self._on_nonfinite(loss)
@@ -260,6 +265,13 @@ class Trainer:
             dist.barrier()
         self._last_eval = (self.step, results)
         return results
+
+    def _check_all_params_used(self) -> None:
+        """A trainable parameter without a gradient would silently break DDP's gradient averaging."""
+        unused = [n for n, p in self.model.named_parameters() if p.requires_grad and p.grad is None]
+        if unused:
+            raise RuntimeError(f"trainable parameters got no gradient in the first step: {unused[:8]}; freeze them "
+                               "(requires_grad=False) or make the loss use them")
 
     def _on_nonfinite(self, loss: float) -> None:
         self.opt.zero_grad(set_to_none=True)

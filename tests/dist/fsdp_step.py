@@ -1,0 +1,39 @@
+"""One optimizer step with DDP or FSDP2 (2 gloo processes) or one process; rank 0 saves the new weights."""
+import sys
+
+import torch
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from train.distributed import init_distributed, parallelize, sync_replicated_grads
+from vlm.losses import LossConfig, contrastive_loss
+from vlm.models.clip import MedCLIP
+
+
+def main(out: str, parallel: str) -> None:
+    from open_clip.transformer import ResidualAttentionBlock
+
+    d = init_distributed()
+    torch.manual_seed(0)
+    model = MedCLIP("tiny-vit-text")
+    model.concept_logit_scale.requires_grad_(False)  # unused here: DDP must not wait for them
+    model.concept_logit_bias.requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    images, tokens = torch.randn(8, 3, 64, 64, generator=g), torch.randint(1, 1000, (8, 48), generator=g)
+    per = 8 // d.world_size
+    sl = slice(d.rank * per, (d.rank + 1) * per)
+    wrapped = parallelize(model, d, parallel, shard_modules=(ResidualAttentionBlock,))
+    opt = torch.optim.SGD(wrapped.parameters(), lr=0.1)  # linear in the gradient: a faithful comparison
+    o = wrapped(images[sl], tokens[sl])
+    contrastive_loss(LossConfig())(o["image_features"], o["text_features"], o["logit_scale"]).backward()
+    sync_replicated_grads(wrapped)
+    opt.step()
+    state = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if d.is_main:
+        save_file({k: v.contiguous() for k, v in state.items()}, out)
+    if d.enabled:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
