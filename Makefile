@@ -50,11 +50,11 @@ define stage
 	fi
 endef
 
-demo: $(STAMP) $(STAGES)/inspect
-	@echo "[demo] finished: corpus in $(DATA), logs in $(LOGS)"
+demo: $(STAMP) $(STAGES)/export_clip
+	@echo "[demo] finished: corpus in $(DATA), runs and logs in $(DEMO)"
 
 $(STAGES)/synth: | $(STAMP)
-	$(call stage,synth,$(PY) -m data_prep.synth --out $(DATA)/synth --num-train 2000 --num-test 400 --image-size 64 --overwrite)
+	$(call stage,synth,$(PY) -m data_prep.synth --out $(DATA)/synth --num-train 4000 --num-test 400 --image-size 64 --overwrite)
 
 $(STAGES)/shards: $(STAGES)/synth
 	$(call stage,shards,\
@@ -69,6 +69,21 @@ $(STAGES)/inspect: $(STAGES)/shards
 	$(call stage,inspect,\
 	  for d in $(DATA)/synth/pretrain $(DATA)/synth/instruct $(DATA)/shards/*; do $(PY) -m data_prep.inspect $$d || exit 1; done && \
 	  $(PY) -m data_prep.stream --config configs/data/demo.yaml sources.0.path=$(DATA)/synth/pretrain)
+
+$(STAGES)/clip: $(STAGES)/inspect
+	$(call stage,clip,$(PY) -m train.clip --config configs/clip/demo.yaml train.resume=latest train.progress=false)
+
+$(STAGES)/zeroshot: $(STAGES)/clip
+	$(call stage,zeroshot,\
+	  $(PY) -m eval.zeroshot --checkpoint $(DEMO)/clip --folder $(DATA)/synth/eval/zeroshot/modality \
+	    --prompts configs/prompts/synth_modality.yaml --out $(DEMO)/zeroshot_modality.json && \
+	  $(PY) -m eval.zeroshot --checkpoint $(DEMO)/clip --folder $(DATA)/synth/eval/zeroshot/finding \
+	    --prompts configs/prompts/synth_finding.yaml --out $(DEMO)/zeroshot_finding.json && \
+	  $(PY) -m eval.retrieval --checkpoint $(DEMO)/clip --pairs $(DATA)/synth/eval/retrieval.jsonl \
+	    --out $(DEMO)/retrieval.json)
+
+$(STAGES)/export_clip: $(STAGES)/zeroshot
+	$(call stage,export_clip,$(PY) -m train.export --checkpoint $(DEMO)/clip --to open_clip --out $(DEMO)/exports/open_clip)
 
 clean-demo:
 	rm -rf $(DEMO) $(DATA)

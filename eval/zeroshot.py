@@ -4,8 +4,10 @@
         --prompts configs/prompts/synth_finding.yaml --out runs/demo/zeroshot_finding.json
 
 --checkpoint: a train.clip run folder (its newest checkpoint), a checkpoint folder, or an
-open_clip export folder. Data: --folder (one sub-folder per class) or --csv (image, label
-columns). Writes OUT (accuracy, balanced accuracy, macro-F1, per-class AUROC, confusion matrix),
+open_clip export folder. Data: --folder (one sub-folder per class), --csv (image, label
+columns) or --shards (a shard folder; a sample's class is the class name in its meta.labels).
+--concept-fusion W adds ConceptCLIP-style concept evidence (the prompt file's `concepts` per
+class, scored on image patches by the alignment head) with weight W. Writes OUT (accuracy, balanced accuracy, macro-F1, per-class AUROC, confusion matrix),
 and beside it OUT's stem + _confusion.png and _roc.png.
 """
 from __future__ import annotations
@@ -23,8 +25,8 @@ from eval.plots import confusion_matrix_png, roc_png
 from vlm.data.transforms import ImageConfig
 from vlm.models.clip import build_tokenizer, load_clip
 from vlm.utils import atomic_write_text, cli, setup_logging
-from vlm.zeroshot import (build_classifier, classification_metrics, image_csv, image_features, image_folder,
-                          load_prompts)
+from vlm.zeroshot import (build_classifier, class_concept_index, classification_metrics, fused_probs, image_csv,
+                          image_features, image_folder, load_prompts, shard_features)
 
 log = logging.getLogger("eval.zeroshot")
 
@@ -50,6 +52,7 @@ def main(argv=None) -> int:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--folder", help="one sub-folder of images per class")
     src.add_argument("--csv", help="a CSV with image and label columns")
+    src.add_argument("--shards", help="a shard folder (classes from meta.labels; needs --prompts)")
     p.add_argument("--image-column", default="image")
     p.add_argument("--label-column", default="label")
     p.add_argument("--prompts", help="prompt ensemble YAML (configs/prompts/); default: the class names")
@@ -57,24 +60,41 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-images", type=int, default=0)
     p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
+    p.add_argument("--concept-fusion", type=float, default=0.0, metavar="W",
+                   help="weight of concept evidence (needs `concepts` in the prompt file; default 0: off)")
     args = p.parse_args(argv)
     setup_logging()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, info = load_clip(args.checkpoint, use_ema=args.ema)
     model.to(device)
     tokenizer = build_tokenizer(model.arch)
-    if args.folder:
+    img_cfg = image_config(info, model.image_size)
+    if args.shards:
+        if not args.prompts:
+            raise ValueError("--shards needs --prompts (its classes are matched against meta.labels)")
+        classes = sorted(load_prompts(args.prompts, []).classes)
+    elif args.folder:
         paths, labels, classes = image_folder(args.folder, args.max_images)
     else:
         paths, labels, classes = image_csv(args.csv, args.image_column, args.label_column)
     prompts = load_prompts(args.prompts, classes)
+    concept_names, class_concepts = class_concept_index(prompts, classes)
+    if args.concept_fusion > 0 and not concept_names:
+        raise ValueError(f"--concept-fusion needs a `concepts:` mapping in the prompt file {args.prompts}")
     with torch.no_grad():
         clf = build_classifier(model, tokenizer, prompts, classes, device).float().cpu()
-        feats = image_features(model, paths, image_config(info, model.image_size), args.batch_size, device=device)
-        probs = (float(model.logit_scale.exp()) * feats @ clf.T).softmax(-1).numpy()
+        cemb = model.encode_text(tokenizer(concept_names).to(device)) if args.concept_fusion > 0 else None
+        skipped = 0
+        if args.shards:
+            out, labels, skipped = shard_features(model, args.shards, classes, img_cfg, args.batch_size, device, cemb)
+        else:
+            out = image_features(model, paths, img_cfg, args.batch_size, device=device, concept_emb=cemb)
+        feats, sims = out if cemb is not None else (out, None)
+        probs = fused_probs(model, feats, clf, sims, class_concepts, args.concept_fusion).numpy()
     labels_np = np.array(labels)
     result = classification_metrics(probs, labels_np, classes)
-    result.update(checkpoint=str(args.checkpoint), prompts=args.prompts, data=args.folder or args.csv)
+    result.update(checkpoint=str(args.checkpoint), prompts=args.prompts, data=args.folder or args.csv or args.shards,
+                  concept_fusion=args.concept_fusion, unlabeled_skipped=skipped)
     out = Path(args.out)
     atomic_write_text(out, json.dumps(result, indent=1) + "\n")
     title = f"{out.stem}: accuracy {result['accuracy']:.3f}"

@@ -130,3 +130,21 @@ def test_push_to_hub_offline_is_a_clear_error(trained, tmp_path, capsys, monkeyp
     assert export_main(["--checkpoint", str(trained), "--to", "open_clip", "--out", str(tmp_path / "e"),
                         "--push-to-hub", "someone/model"]) == 1
     assert "HF_HUB_OFFLINE" in capsys.readouterr().err
+
+
+def test_zeroshot_on_shards_with_concept_fusion(trained, synth_dir, tmp_path):
+    from eval.zeroshot import main as zeroshot_main
+
+    out = tmp_path / "zs.json"
+    base = ["--checkpoint", str(trained), "--shards", str(synth_dir / "pretrain"),
+            "--prompts", str(REPO / "configs/prompts/synth_finding.yaml"), "--out", str(out)]
+    assert zeroshot_main(base) == 0
+    plain = json.loads(out.read_text())
+    assert plain["num_images"] == 240 and plain["unlabeled_skipped"] == 0
+    assert zeroshot_main(base + ["--concept-fusion", "0.5"]) == 0
+    fused = json.loads(out.read_text())
+    assert fused["concept_fusion"] == 0.5 and fused["num_images"] == 240
+    assert fused["auroc"] != plain["auroc"]  # the concept evidence changed the scores
+    assert zeroshot_main(["--checkpoint", str(trained), "--shards", str(synth_dir / "pretrain"),
+                          "--prompts", str(REPO / "configs/prompts/synth_modality.yaml"), "--out", str(out),
+                          "--concept-fusion", "0.5"]) == 2  # no concepts in that prompt file

@@ -29,6 +29,8 @@ class PromptConfig:
     name: str = "prompts"
     templates: list[str] = field(default_factory=lambda: ["a photo of {c}."])
     classes: dict[str, list[str]] = field(default_factory=dict)
+    # optional, for ConceptCLIP-style fusion: concept names whose presence supports each class
+    concepts: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self):
         bad = [t for t in self.templates if "{c}" not in t]
@@ -112,10 +114,49 @@ def image_csv(path: str | Path, image_col: str = "image", label_col: str = "labe
 
 @torch.no_grad()
 def image_features(model, paths: list[str], image_cfg: ImageConfig, batch_size: int = 64, workers: int = 0,
-                   device="cpu") -> torch.Tensor:
+                   device="cpu", concept_emb: Optional[torch.Tensor] = None):
+    """(N, D) image features; with ``concept_emb`` (K, D) also (N, K) best-patch concept similarities."""
     loader = DataLoader(ImageListDataset(paths, image_cfg), batch_size=batch_size, num_workers=workers)
-    feats = [model.encode_image(x.to(device), normalize=True).float().cpu() for x in loader]
-    return torch.cat(feats) if feats else torch.empty(0)
+    return _encode_batches(model, (x for x in loader), device, concept_emb)
+
+
+def _encode_batches(model, batches, device, concept_emb=None):
+    feats, sims = [], []
+    for x in batches:
+        x = x.to(device)
+        if concept_emb is None:
+            feats.append(model.encode_image(x, normalize=True).float().cpu())
+        else:
+            pooled, patches = model.encode_image_with_patches(x)
+            feats.append(pooled.float().cpu())
+            sims.append(torch.einsum("kd,bnd->bkn", concept_emb.to(patches), patches).amax(-1).float().cpu())
+    f = torch.cat(feats) if feats else torch.empty(0)
+    return f if concept_emb is None else (f, torch.cat(sims) if sims else torch.empty(0))
+
+
+@torch.no_grad()
+def shard_features(model, folder: str | Path, class_names: list[str], image_cfg: ImageConfig, batch_size: int = 64,
+                   device="cpu", concept_emb: Optional[torch.Tensor] = None):
+    """Features and labels of a shard folder: a sample's class is the class name found in meta.labels
+    (samples with none or several are skipped and counted)."""
+    from vlm.data.shards import DataConfig, ShardLoader, SourceConfig
+
+    cfg = DataConfig(sources=[SourceConfig(str(folder))], batch_size=batch_size, num_workers=0, shuffle_buffer=0,
+                     shuffle_shards=False, require_text=False, image=image_cfg)
+    labels, images, unlabeled = [], [], 0
+    for batch in ShardLoader(cfg):
+        for img, meta in zip(batch["images"], batch["meta"]):
+            found = [class_names.index(c) for c in meta.get("labels") or [] if c in class_names]
+            if len(found) != 1:
+                unlabeled += 1
+                continue
+            labels.append(found[0])
+            images.append(img)
+    if not images:
+        raise ValueError(f"{folder}: no sample has exactly one of the classes {class_names} in meta.labels")
+    chunks = (torch.stack(images[i:i + batch_size]) for i in range(0, len(images), batch_size))
+    out = _encode_batches(model, chunks, device, concept_emb)
+    return out, labels, unlabeled
 
 
 @torch.no_grad()
@@ -145,6 +186,24 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, class_names: l
         "confusion_matrix": confusion_matrix(labels, pred, labels=list(range(k))).tolist(),
         "classes": class_names,
     }
+
+
+def fused_probs(model, feats: torch.Tensor, clf: torch.Tensor, concept_sims: Optional[torch.Tensor] = None,
+                class_concepts: Optional[list[list[int]]] = None, fusion: float = 0.0) -> torch.Tensor:
+    """Class probabilities; with ``fusion`` > 0, ConceptCLIP-style concept evidence is added:
+    logit_k = scale * <image, class_k> + fusion * mean_{c in concepts(k)} (concept_scale * s_c + concept_bias),
+    where s_c is the best patch similarity of concept c (the alignment head's own scale and bias)."""
+    logits = float(model.logit_scale.exp()) * feats @ clf.T
+    if fusion > 0 and concept_sims is not None and class_concepts:
+        cl = float(model.concept_logit_scale.exp()) * concept_sims + float(model.concept_logit_bias)
+        extra = torch.stack([cl[:, idx].mean(1) if idx else torch.zeros(len(cl)) for idx in class_concepts], 1)
+        logits = logits + fusion * extra
+    return logits.softmax(dim=-1)
+
+
+def class_concept_index(prompts: PromptConfig, class_names: list[str]) -> tuple[list[str], list[list[int]]]:
+    names = sorted({c for k in class_names for c in prompts.concepts.get(k, [])})
+    return names, [[names.index(c) for c in prompts.concepts.get(k, [])] for k in class_names]
 
 
 @torch.no_grad()
