@@ -54,7 +54,7 @@ demo: $(STAMP) $(STAGES)/export_clip
 	@echo "[demo] finished: corpus in $(DATA), runs and logs in $(DEMO)"
 
 $(STAGES)/synth: | $(STAMP)
-	$(call stage,synth,$(PY) -m data_prep.synth --out $(DATA)/synth --num-train 4000 --num-test 400 --image-size 64 --overwrite)
+	$(call stage,synth,$(PY) -m data_prep.synth --out $(DATA)/synth --num-train 8000 --num-test 400 --image-size 64 --overwrite)
 
 $(STAGES)/shards: $(STAGES)/synth
 	$(call stage,shards,\

@@ -160,7 +160,7 @@ def main(argv=None) -> int:
     peer = run_json([peer_python(), *common, "--role", "peer"], env)
     print(f"peer (open_clip_train): {peer['samples_per_s']:.0f} samples/s {['%.0f' % r for r in peer['all']]}",
           file=sys.stderr)
-    rss = [run_json([sys.executable, *common, "--role", "rss", "--rss-n", str(n)], env) for n in (10, 100)]
+    rss = [run_json([sys.executable, *common, "--role", "rss", "--rss-n", str(n)], env) for n in (10, 100, 300)]
     for r in rss:
         print(f"rss: {r['shards']} shards, {r['samples']} samples: peak {r['peak_rss_mb']} MB", file=sys.stderr)
     print(result_line("data_pipeline", ours["samples_per_s"], peer["samples_per_s"], unit="samples/s",

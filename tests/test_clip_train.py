@@ -96,3 +96,23 @@ def test_nonfinite_losses_stop_with_checkpoint_intact(synth_dir, tiny32, tmp_pat
     assert r.returncode != 0 and "non-finite losses in a row" in r.stderr
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000001"]
     assert (out / "checkpoints/step_00000001/COMPLETE").exists()
+
+
+def test_bf16_locked_image_tower_and_lora_text(synth_dir, tiny32, tmp_path):
+    """bf16 autocast, a locked image tower and LoRA on the text tower: only what should train moves."""
+    out = tmp_path / "lk"
+    r = run(args_for(synth_dir, tiny32, out, steps=3, extra=["train.precision=bf16", "model.lock_image=true",
+                                                              "model.lora_text.r=4", "optim.warmup_steps=0"]))
+    assert r.returncode == 0, r.stderr[-3000:]
+    w1 = load_file(out / "checkpoints/step_00000002/model.safetensors")
+    w2 = load_file(out / "checkpoints/step_00000003/model.safetensors")
+    moved = {k for k in w1 if not torch.equal(w1[k], w2[k])}
+    assert moved and not any(k.startswith("clip.visual.") for k in moved)
+    text_moved = {k for k in moved if k.startswith("clip.transformer.")}
+    assert text_moved and all("lora_" in k for k in text_moved)
+    # the export merges the adapters: stock open_clip keys only
+    from train.export import main as export_main
+
+    assert export_main(["--checkpoint", str(out), "--to", "open_clip", "--out", str(tmp_path / "exp")]) == 0
+    keys = load_file(tmp_path / "exp" / "open_clip_model.safetensors").keys()
+    assert not any("lora" in k for k in keys)
