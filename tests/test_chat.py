@@ -1,0 +1,139 @@
+"""Conversation encoding: only assistant turns are labels (checked by decoding them, per template),
+bad conversations are skipped with a reason, and packed rows give the unpacked loss."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlm.data.chat import (IGNORE, ChatConfig, SkipExample, check_template, encode, fit_length,
+                           normalize_conversation, pack, packed_causal_mask)
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+LLAMA3 = ("<|begin_of_text|>{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+          "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+          "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+SPECIAL = ["<image>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+           "<|eot_id|>", "<pad>", "</s>"]
+CORPUS = ["Is there a nodule in the right upper lung?", "Yes, a small nodule.", "What modality is this?",
+          "A chest x-ray.", "Describe the image.", "Head CT with no acute abnormality.", "user assistant system"] * 30
+
+
+def make_tokenizer(template: str | None):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>"] + SPECIAL))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", eos_token="</s>",
+                                  additional_special_tokens=SPECIAL)
+    if template:
+        tok.chat_template = template
+    return tok
+
+
+CONV = [{"from": "human", "value": "<image>\nIs there a nodule in the right upper lung?"},
+        {"from": "gpt", "value": "Yes, a small nodule."},
+        {"from": "human", "value": "What modality is this?"},
+        {"from": "gpt", "value": "A chest x-ray."}]
+
+
+@pytest.mark.parametrize("template,eot", [(CHATML, "<|im_end|>"), (LLAMA3, "<|eot_id|>")])
+def test_only_assistant_turns_are_labels(template, eot):
+    tok = make_tokenizer(template)
+    cfg = ChatConfig()
+    check_template(tok, cfg)
+    ids, labels = encode(normalize_conversation(CONV, 1), tok, cfg, image_seq_len=5)
+    image_id = tok.convert_tokens_to_ids("<image>")
+    assert ids.count(image_id) == 5 and all(labels[i] == IGNORE for i, t in enumerate(ids) if t == image_id)
+    # decode each run of consecutive labels: exactly the assistant turns, each with its end-of-turn token
+    runs, cur = [], []
+    for t, lab in zip(ids, labels):
+        if lab != IGNORE:
+            cur.append(lab)
+        elif cur:
+            runs.append(tok.decode(cur))
+            cur = []
+    if cur:
+        runs.append(tok.decode(cur))
+    assert runs == [f"Yes, a small nodule.{eot}", f"A chest x-ray.{eot}"]
+
+
+def test_plain_template_for_stage1():
+    tok = make_tokenizer(None)
+    cfg = ChatConfig(template="plain")
+    conv = [{"from": "human", "value": "<image>\n"}, {"from": "gpt", "value": "Head CT with no acute abnormality."}]
+    ids, labels = encode(normalize_conversation(conv, 1), tok, cfg, image_seq_len=3)
+    assert ids[:3] == [tok.convert_tokens_to_ids("<image>")] * 3 and labels[:3] == [IGNORE] * 3
+    assert tok.decode(labels[3:]) == "Head CT with no acute abnormality.</s>"
+
+
+def test_bad_conversations_are_skipped_with_reasons():
+    cases = [
+        ([{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}], 1, "image_token_mismatch"),
+        ([{"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": "x"}], 0, "image_token_mismatch"),
+        ([{"from": "robot", "value": "<image>"}, {"from": "gpt", "value": "x"}], 1, "unknown_role"),
+        ([{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "  "}], 1, "empty_assistant_turn"),
+        ([{"from": "human", "value": "<image>\nq"}], 1, "no_assistant_turn"),
+    ]
+    for conv, n, reason in cases:
+        with pytest.raises(SkipExample) as e:
+            normalize_conversation(conv, n)
+        assert e.value.reason == reason
+
+
+def test_masking_that_cannot_be_computed_is_skipped():
+    tok = make_tokenizer("{% for m in messages %}{{ m['role'] }}: {{ m['content'] | upper }}\n{% endfor %}")
+    with pytest.raises(SkipExample) as e:
+        encode(normalize_conversation(CONV, 1), tok, ChatConfig(), 2)
+    assert e.value.reason == "masking_failed"
+
+
+def test_no_template_is_a_clear_error_before_training():
+    with pytest.raises(ValueError, match="no chat template"):
+        check_template(make_tokenizer(None), ChatConfig())
+
+
+def test_truncate_or_drop():
+    ids, labels = list(range(20)), [IGNORE] * 5 + list(range(5, 20))
+    short = fit_length(ids, labels, ChatConfig(max_length=10), image_id=999)
+    assert short == (ids[:10], labels[:10])
+    with pytest.raises(SkipExample, match="too_long"):
+        fit_length(ids, labels, ChatConfig(max_length=10, overlong="drop"), image_id=999)
+
+
+def test_packed_loss_equals_unpacked_loss():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                         attn_implementation="eager")).eval()
+    g = torch.Generator().manual_seed(1)
+    examples = []
+    for n in (7, 12, 5):
+        ids = torch.randint(1, 64, (n,), generator=g).tolist()
+        labels = [IGNORE] * 2 + ids[2:]
+        examples.append((ids, labels))
+
+    def token_loss_sum(logits, labels):
+        return torch.nn.functional.cross_entropy(logits[:-1], labels[1:], ignore_index=IGNORE, reduction="sum")
+
+    with torch.no_grad():
+        unpacked = sum(token_loss_sum(model(torch.tensor([i])).logits[0], torch.tensor(l)) for i, l in examples)
+        row = pack(examples, max_len=32)
+        assert len(row) == 1 and row[0]["seq_lens"] == [7, 12, 5]
+        r = row[0]
+        mask = packed_causal_mask(r["seq_lens"])
+        logits = model(r["input_ids"][None], attention_mask=mask, position_ids=r["position_ids"][None]).logits[0]
+        packed = token_loss_sum(logits, r["labels"])
+    assert torch.allclose(packed, unpacked, atol=1e-4), (packed, unpacked)
+
+
+def test_pack_respects_max_len_and_order():
+    ex = [([1] * n, [1] * n) for n in (5, 4, 3, 6)]
+    rows = pack(ex, max_len=9)
+    assert [r["seq_lens"] for r in rows] == [[5, 4], [3, 6]]
+    assert rows[1]["position_ids"].tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 5]

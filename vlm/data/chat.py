@@ -1,0 +1,203 @@
+"""Conversations (LLaVA / LLaVA-Med format) -> token ids and labels, with only assistant turns
+trained, image placeholders expanded, and sequence packing.
+
+Prompts are rendered with the tokenizer's own chat template (``apply_chat_template``); the
+``plain`` template (LLaVA's stage-1 format) is image tokens, then the caption, then EOS. Labels
+are found by position, not by re-tokenising pieces: the rendered text is tokenised once with
+character offsets, and a token is a label when it lies inside an assistant message's content (plus
+the end-of-turn token the template puts right after it). An example whose assistant content cannot
+be located in the rendered text is skipped with the reason ``masking_failed`` and counted, never
+trained with an all-masked label row (LLaVA's silent "tokenization mismatch").
+
+Shapes: an example is (T,) input ids and (T,) labels, -100 where no loss is taken. A packed row
+holds several examples back to back: position ids restart at 0 for each, and ``seq_lens`` tells
+the attention to stay inside each one (a block-diagonal causal mask on CPU, varlen kernels on GPU).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+IGNORE = -100
+IMAGE_TOKEN = "<image>"
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class SkipExample(ValueError):
+    """A conversation that cannot be trained on; ``reason`` is counted by the data pipeline."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass
+class ChatConfig:
+    """How conversations become training rows."""
+
+    template: str = "auto"  # auto: the tokenizer's chat template | plain: stage 1 (image + caption + EOS)
+    max_length: int = 2048  # tokens per example, image tokens included
+    overlong: str = "truncate"  # truncate | drop
+    system_prompt: Optional[str] = None  # prepended as a system message when the data has none
+    image_token: str = IMAGE_TOKEN
+
+    def __post_init__(self):
+        if self.template not in ("auto", "plain"):
+            raise ValueError(f"chat.template must be auto or plain, got {self.template!r}")
+        if self.overlong not in ("truncate", "drop"):
+            raise ValueError(f"chat.overlong must be truncate or drop, got {self.overlong!r}")
+        if self.max_length < 8:
+            raise ValueError("chat.max_length must be >= 8")
+
+
+def normalize_conversation(conv: list[dict], num_images: int, image_token: str = IMAGE_TOKEN) -> list[dict]:
+    """LLaVA turns ({"from", "value"}) -> chat messages ({"role", "content"}), validated.
+
+    Raises SkipExample: unknown_role, empty_assistant_turn, no_assistant_turn, image_token_mismatch.
+    """
+    if not isinstance(conv, list) or not conv:
+        raise SkipExample("bad_conversation", "not a non-empty list")
+    messages, placeholders = [], 0
+    for i, turn in enumerate(conv):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value", turn.get("content")), str):
+            raise SkipExample("bad_conversation", f"turn {i}")
+        role = ROLES.get(str(turn.get("from", turn.get("role"))).lower())
+        if role is None:
+            raise SkipExample("unknown_role", f"turn {i}: {turn.get('from', turn.get('role'))!r}")
+        content = turn.get("value", turn.get("content"))
+        if role == "assistant" and not content.strip():
+            raise SkipExample("empty_assistant_turn", f"turn {i}")
+        if role == "assistant" and image_token in content:
+            raise SkipExample("image_token_mismatch", f"turn {i}: an image token in an assistant turn")
+        placeholders += content.count(image_token)
+        messages.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise SkipExample("no_assistant_turn")
+    if placeholders != num_images:
+        raise SkipExample("image_token_mismatch", f"{placeholders} image tokens for {num_images} image(s)")
+    return messages
+
+
+def check_template(tokenizer, cfg: ChatConfig) -> None:
+    """Fail before training when the tokenizer cannot render conversations."""
+    if cfg.template == "auto" and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template and none was given: set chat.template=plain for "
+                         "stage 1, or give the tokenizer a chat_template (tokenizer_config.json)")
+    if tokenizer.convert_tokens_to_ids(cfg.image_token) in (None, tokenizer.unk_token_id):
+        raise ValueError(f"the tokenizer has no {cfg.image_token!r} token: add it as a special token "
+                         "(tokenizer.add_special_tokens({'additional_special_tokens': ['<image>']}))")
+
+
+def encode(messages: list[dict], tokenizer, cfg: ChatConfig, image_seq_len: int) -> tuple[list[int], list[int]]:
+    """Messages -> (input_ids, labels) with each image token repeated ``image_seq_len`` times."""
+    image_id = tokenizer.convert_tokens_to_ids(cfg.image_token)
+    eos = tokenizer.eos_token_id
+    if cfg.template == "plain":  # LLaVA stage 1: <image> tokens, the first answer, EOS
+        answer = next(m["content"] for m in messages if m["role"] == "assistant")
+        text_ids = tokenizer(answer.strip(), add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+        images = sum(m["content"].count(cfg.image_token) for m in messages)
+        ids = [image_id] * images + text_ids
+        labels = [IGNORE] * images + list(text_ids)
+    else:
+        if cfg.system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": cfg.system_prompt}] + messages
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        spans, cursor = [], 0
+        for m in messages:
+            content = m["content"]
+            at = text.find(content, cursor) if content else cursor
+            if at < 0:
+                if m["role"] == "assistant":
+                    raise SkipExample("masking_failed", "assistant content not found in the rendered template")
+                continue
+            if m["role"] == "assistant":
+                spans.append((at, at + len(content)))
+            cursor = at + len(content)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        special = set(tokenizer.all_special_ids)
+        labels = [IGNORE] * len(ids)
+        for s, e in spans:
+            inside = [i for i, (a, b) in enumerate(offsets) if a >= s and b <= e and b > a]
+            if not inside:
+                raise SkipExample("masking_failed", "an assistant turn has no token of its own")
+            for i in inside:
+                labels[i] = ids[i]
+            nxt = inside[-1] + 1  # the template's end-of-turn token teaches the model to stop
+            if nxt < len(ids) and ids[nxt] in special:
+                labels[nxt] = ids[nxt]
+    return expand_images(ids, labels, image_id, image_seq_len)
+
+
+def expand_images(ids: list[int], labels: list[int], image_id: int, n: int) -> tuple[list[int], list[int]]:
+    out_ids, out_labels = [], []
+    for t, lab in zip(ids, labels):
+        if t == image_id:
+            out_ids += [image_id] * n
+            out_labels += [IGNORE] * n
+        else:
+            out_ids.append(t)
+            out_labels.append(lab)
+    return out_ids, out_labels
+
+
+def fit_length(ids: list[int], labels: list[int], cfg: ChatConfig, image_id: int) -> tuple[list[int], list[int]]:
+    """Truncate (never inside an image's tokens) or drop an over-long example."""
+    if len(ids) <= cfg.max_length:
+        return ids, labels
+    if cfg.overlong == "drop":
+        raise SkipExample("too_long", f"{len(ids)} > {cfg.max_length} tokens")
+    cut = cfg.max_length
+    if image_id in ids[cut:] and ids[cut - 1] == image_id:
+        raise SkipExample("too_long", "truncation would cut an image's tokens")
+    labels = labels[:cut]
+    if all(x == IGNORE for x in labels):
+        raise SkipExample("too_long", "no answer token left after truncation")
+    return ids[:cut], labels
+
+
+# ------------------------------------------------------------------------------------------
+# Packing
+
+
+def pack(examples: list[tuple[list[int], list[int]]], max_len: int) -> list[dict]:
+    """Greedy, order-preserving packing into rows of at most ``max_len`` tokens.
+
+    Each row: input_ids (T,), labels (T,), position_ids (T,) restarting per example, seq_lens.
+    """
+    rows, cur = [], []
+    for ex in examples:
+        if len(ex[0]) > max_len:
+            raise ValueError(f"an example of {len(ex[0])} tokens does not fit a packed row of {max_len}")
+        if cur and sum(len(e[0]) for e in cur) + len(ex[0]) > max_len:
+            rows.append(cur)
+            cur = []
+        cur.append(ex)
+    if cur:
+        rows.append(cur)
+    out = []
+    for row in rows:
+        out.append({
+            "input_ids": torch.tensor([t for ids, _ in row for t in ids]),
+            "labels": torch.tensor([t for _, labs in row for t in labs]),
+            "position_ids": torch.tensor([p for ids, _ in row for p in range(len(ids))]),
+            "seq_lens": [len(ids) for ids, _ in row],
+        })
+    return out
+
+
+def packed_causal_mask(seq_lens: list[int], total: Optional[int] = None, dtype=torch.float32) -> torch.Tensor:
+    """(1, 1, T, T) additive mask: causal within each packed example, -inf across examples and padding."""
+    T = total or sum(seq_lens)
+    allowed = torch.zeros(T, T, dtype=torch.bool)
+    start = 0
+    for n in seq_lens:
+        allowed[start:start + n, start:start + n] = torch.ones(n, n, dtype=torch.bool).tril()
+        start += n
+    if start < T:  # padding attends to itself only (no NaN rows)
+        idx = torch.arange(start, T)
+        allowed[idx, idx] = True
+    mask = torch.zeros(T, T, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return mask[None, None]
