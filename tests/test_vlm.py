@@ -1,0 +1,84 @@
+"""The assistant model: open_clip ViT -> CLIPVisionModel exactly, LLaVA assembly with a tiny Llama,
+stage freezing, and the transformers export loaded back by the Auto classes with the same logits."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlm.models.clip import MedCLIP
+from vlm.models.vlm import build_llava, freeze_for_stage, openclip_vit_to_hf
+
+
+@pytest.fixture(scope="module")
+def clip():
+    torch.manual_seed(0)
+    return MedCLIP("tiny-vit-text").eval()
+
+
+def test_openclip_vit_converts_exactly(clip):
+    hf = openclip_vit_to_hf(clip.clip.visual)
+    x = torch.randn(2, 3, 64, 64)
+    visual = clip.clip.visual
+    with torch.no_grad():
+        ours = clip.encode_image(x, normalize=False)  # ln_post(CLS) @ proj
+        out = hf(pixel_values=x, output_hidden_states=True)
+        theirs = out.pooler_output @ visual.proj
+        # the penultimate block's output (what LLaVA reads) agrees too
+        h = visual._embeds(x)
+        for blk in visual.transformer.resblocks[:-1]:
+            h = blk(h)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert torch.allclose(out.hidden_states[-2], h, atol=1e-5)
+    assert len(out.hidden_states) == len(visual.transformer.resblocks) + 1
+
+
+def tiny_llama(vocab: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256))
+
+
+def test_llava_assembly_stage_freezing_and_export(clip, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    vision = openclip_vit_to_hf(clip.clip.visual)
+    llm = tiny_llama(100)
+    model = build_llava(vision, llm, image_token_id=99).eval()
+    n = model.config.image_seq_length
+    assert n == 64  # (64 / 8)^2 patches, CLS dropped
+    ids = torch.tensor([[1, 5] + [99] * n + [7, 8, 9]])
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        logits = model(input_ids=ids, pixel_values=pixels).logits
+    assert logits.shape == (1, ids.shape[1], 100) and torch.isfinite(logits).all()
+    freeze_for_stage(model, 1)
+    trainable = {n.split(".")[1] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"multi_modal_projector"}
+    freeze_for_stage(model, 2)
+    assert any(p.requires_grad for p in model.model.language_model.parameters())
+    assert not any(p.requires_grad for p in model.model.vision_tower.parameters())
+    model.save_pretrained(tmp_path / "export")
+    again = AutoModelForImageTextToText.from_pretrained(tmp_path / "export").eval()
+    with torch.no_grad():
+        assert torch.allclose(again(input_ids=ids, pixel_values=pixels).logits, logits, atol=1e-4)
+
+
+def test_load_vision_tower_from_folders(clip, tmp_path):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from vlm.models.vlm import load_vision_tower
+
+    hf = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=2, image_size=32, patch_size=8))
+    hf.save_pretrained(tmp_path / "hfclip")
+    assert isinstance(load_vision_tower(tmp_path / "hfclip"), CLIPVisionModel)
+    from vlm.hub import export_open_clip
+
+    export_open_clip(clip, tmp_path / "oc", [0.5] * 3, [0.5] * 3)
+    tower = load_vision_tower(tmp_path / "oc")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(tower(pixel_values=x).pooler_output @ clip.clip.visual.proj,
+                              clip.encode_image(x, normalize=False), atol=1e-5)

@@ -1,0 +1,137 @@
+"""The assistant: vision tower + projector + any Hugging Face causal LM, as transformers'
+``LlavaForConditionalGeneration`` (a well-kept implementation of exactly this idea: image
+placeholder tokens replaced by projected patch features with ``masked_scatter``, no per-sample
+Python loop, any ``text_config`` (Llama, Qwen2, Mistral, Phi, ...), feature layer and CLS
+selection by config). Our model *is* that class, so the transformers export is ``save_pretrained``
+and stock ``AutoModelForImageTextToText`` loads it.
+
+Vision towers: a transformers vision model (CLIP or SigLIP, by hub id or folder), or our own
+open_clip ViT from a train.clip run, converted weight for weight to ``CLIPVisionModel``
+(``openclip_vit_to_hf``). timm towers have no transformers counterpart: see the README.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+log = logging.getLogger(__name__)
+
+
+def openclip_vit_to_hf(visual: nn.Module):
+    """open_clip ``VisionTransformer`` -> transformers ``CLIPVisionModel`` with identical outputs.
+
+    Mapping: conv1 -> patch_embedding, class/positional embeddings, ln_pre -> pre_layrnorm,
+    resblocks[i] -> encoder.layers[i] (in_proj split into q/k/v, out_proj, ln_1/ln_2 ->
+    layer_norm1/2, c_fc/c_proj -> fc1/fc2), ln_post -> post_layernorm. The projection to the CLIP
+    embedding space is not part of a LLaVA vision tower (LLaVA reads hidden states).
+    """
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    if not hasattr(visual, "conv1") or getattr(visual, "attn_pool", None) is not None:
+        raise ValueError("only open_clip VisionTransformer towers (no attentional pooling) convert to CLIPVisionModel")
+    width = visual.conv1.out_channels
+    blocks = visual.transformer.resblocks
+    heads = blocks[0].attn.num_heads
+    act = blocks[0].mlp.gelu
+    if not isinstance(act, nn.GELU) or getattr(act, "approximate", "none") != "none":
+        act_name = "quick_gelu"
+    else:
+        act_name = "gelu"
+    cfg = CLIPVisionConfig(hidden_size=width, intermediate_size=blocks[0].mlp.c_fc.out_features,
+                           num_hidden_layers=len(blocks), num_attention_heads=heads,
+                           image_size=visual.image_size[0] if isinstance(visual.image_size, tuple) else visual.image_size,
+                           patch_size=visual.conv1.kernel_size[0], hidden_act=act_name,
+                           layer_norm_eps=blocks[0].ln_1.eps, projection_dim=width)
+    hf = CLIPVisionModel(cfg)
+    sd = {"vision_model.embeddings.patch_embedding.weight": visual.conv1.weight,
+          "vision_model.embeddings.class_embedding": visual.class_embedding,
+          "vision_model.embeddings.position_embedding.weight": visual.positional_embedding,
+          "vision_model.pre_layrnorm.weight": visual.ln_pre.weight, "vision_model.pre_layrnorm.bias": visual.ln_pre.bias,
+          "vision_model.post_layernorm.weight": visual.ln_post.weight,
+          "vision_model.post_layernorm.bias": visual.ln_post.bias}
+    for i, b in enumerate(blocks):
+        p = f"vision_model.encoder.layers.{i}."
+        q, k, v = b.attn.in_proj_weight.chunk(3)
+        qb, kb, vb = b.attn.in_proj_bias.chunk(3)
+        sd.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k, p + "self_attn.v_proj.weight": v,
+                   p + "self_attn.q_proj.bias": qb, p + "self_attn.k_proj.bias": kb, p + "self_attn.v_proj.bias": vb,
+                   p + "self_attn.out_proj.weight": b.attn.out_proj.weight,
+                   p + "self_attn.out_proj.bias": b.attn.out_proj.bias,
+                   p + "layer_norm1.weight": b.ln_1.weight, p + "layer_norm1.bias": b.ln_1.bias,
+                   p + "layer_norm2.weight": b.ln_2.weight, p + "layer_norm2.bias": b.ln_2.bias,
+                   p + "mlp.fc1.weight": b.mlp.c_fc.weight, p + "mlp.fc1.bias": b.mlp.c_fc.bias,
+                   p + "mlp.fc2.weight": b.mlp.c_proj.weight, p + "mlp.fc2.bias": b.mlp.c_proj.bias})
+    # transformers 5 keeps the vision transformer's names flat; 4.x nested them under vision_model.
+    nested = any(k.startswith("vision_model.") for k in hf.state_dict())
+    sd = {(k if nested else k.removeprefix("vision_model.")): v.detach().clone() for k, v in sd.items()}
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    missing = [m for m in missing if "position_ids" not in m]
+    if missing or unexpected:
+        raise RuntimeError(f"open_clip -> CLIPVisionModel conversion left {missing} missing, {unexpected} unexpected")
+    return hf.eval()
+
+
+def build_llava(vision, llm, image_token_id: int, vision_feature_layer: int = -2,
+                select_strategy: str = "default", projector_act: str = "gelu"):
+    """A LlavaForConditionalGeneration from a transformers vision model and a causal LM (modules),
+    with a fresh 2-layer GELU projector (LLaVA-1.5's mlp2x_gelu)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    vcfg = vision.config
+    grid = vcfg.image_size // vcfg.patch_size
+    cfg = LlavaConfig(vision_config=vcfg.to_dict(), text_config=llm.config.to_dict(), image_token_index=image_token_id,
+                      image_seq_length=grid * grid + (1 if select_strategy == "full" else 0),
+                      vision_feature_layer=vision_feature_layer, vision_feature_select_strategy=select_strategy,
+                      projector_hidden_act=projector_act)
+    cfg.vision_config.model_type = vcfg.model_type
+    model = LlavaForConditionalGeneration(cfg)
+    model.model.vision_tower.load_state_dict(vision.state_dict())
+    model.model.language_model.load_state_dict(llm.model.state_dict() if hasattr(llm, "model") else llm.state_dict())
+    model.lm_head.load_state_dict(llm.lm_head.state_dict())
+    return model
+
+
+def image_seq_length(model) -> int:
+    return int(model.config.image_seq_length)
+
+
+def freeze_for_stage(model, stage: int, train_vision: bool = False) -> None:
+    """Stage 1: only the projector trains. Stage 2: projector + LLM (+ the vision tower if asked)."""
+    for p in model.parameters():
+        p.requires_grad = False
+    for p in model.model.multi_modal_projector.parameters():
+        p.requires_grad = True
+    if stage >= 2:
+        for p in model.model.language_model.parameters():
+            p.requires_grad = True
+        for p in model.lm_head.parameters():
+            p.requires_grad = True
+        if train_vision:
+            for p in model.model.vision_tower.parameters():
+                p.requires_grad = True
+
+
+def load_vision_tower(source: str | Path):
+    """A transformers vision model (CLIP/SigLIP) from a hub id or folder, or our open_clip ViT from a
+    train.clip run/checkpoint/export folder (converted)."""
+    p = Path(source)
+    if p.exists() and ((p / "checkpoints").is_dir() or (p / "state.json").is_file()
+                       or (p / "open_clip_config.json").is_file()):
+        from vlm.models.clip import load_clip
+
+        clip, _ = load_clip(p)
+        return openclip_vit_to_hf(clip.clip.visual)
+    from transformers import AutoConfig, CLIPVisionModel, SiglipVisionModel
+
+    cfg = AutoConfig.from_pretrained(str(source))
+    kind = cfg.model_type
+    if kind in ("clip", "clip_vision_model"):
+        return CLIPVisionModel.from_pretrained(str(source)).eval()
+    if kind in ("siglip", "siglip_vision_model"):
+        return SiglipVisionModel.from_pretrained(str(source)).eval()
+    raise ValueError(f"{source}: vision tower type {kind!r} is not supported (CLIP or SigLIP vision models, or a "
+                     "train.clip run with an open_clip ViT)")
