@@ -163,6 +163,8 @@ def test_hf_text_tower_from_local_folder(tmp_path):
     t = tok(["chest x-ray with a nodule", "head ct"])
     feats = model.encode_text(t)
     assert feats.shape == (2, 64) and torch.allclose(feats.norm(dim=-1), torch.ones(2), atol=1e-5)
+    pooled, per_token = model.encode_text_with_tokens(t)
+    assert torch.allclose(pooled, feats, atol=1e-6) and per_token.shape[0] == 2 and per_token.shape[-1] == 64
     arch["text_cfg"]["hf_model_name"] = str(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="not a local folder"):
         MedCLIP(arch)
@@ -266,3 +268,16 @@ def test_two_process_step_matches_one_process(tmp_path, parallel):
     assert set(one) == set(two)
     for k in one:
         assert torch.allclose(one[k], two[k], atol=1e-5), k
+
+
+def test_text_token_embeddings_in_the_joint_space():
+    torch.manual_seed(0)
+    model = MedCLIP("tiny-vit-text").eval()
+    tok = build_tokenizer("tiny-vit-text")
+    t = tok(["a small nodule in the right lung", "head ct"])
+    with torch.no_grad():
+        pooled, per_token = model.encode_text_with_tokens(t)
+        assert torch.allclose(pooled, model.encode_text(t), atol=1e-6)
+    assert per_token.shape == (2, 48, 64)
+    eot = t.argmax(dim=-1)  # open_clip pools the end-of-text token: its token embedding is the pooled one
+    assert torch.allclose(per_token[torch.arange(2), eot], pooled, atol=1e-6)

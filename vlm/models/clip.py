@@ -115,6 +115,34 @@ class MedCLIP(nn.Module):
             patches = tokens @ visual.proj if visual.proj is not None else tokens
         return F.normalize(pooled, dim=-1), F.normalize(patches, dim=-1)
 
+    def encode_text_with_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (pooled (B, D), per-token embeddings (B, L, D)), both L2-normalised, in the joint space.
+
+        Token states are taken where the tower's pooling reads them (after the final norm) and
+        projected with the same projection as the pooled feature.
+        """
+        text = getattr(self.clip, "text", None)
+        if text is not None and hasattr(text, "transformer") and hasattr(text, "pooler"):  # Hugging Face tower
+            was = text.output_tokens
+            text.output_tokens = True
+            try:
+                pooled, states = text(tokens)
+            finally:
+                text.output_tokens = was
+            per_token = text.proj(states)
+        else:  # open_clip text transformer (inside CLIP, or CustomTextCLIP's TextTransformer)
+            owner = text if text is not None else self.clip
+            captured = {}
+            handle = owner.ln_final.register_forward_hook(lambda m, i, o: captured.update(states=o))
+            try:
+                pooled = self.clip.encode_text(tokens, normalize=False)
+            finally:
+                handle.remove()
+            proj = owner.text_projection
+            states = captured["states"]
+            per_token = proj(states) if isinstance(proj, nn.Linear) else (states @ proj if proj is not None else states)
+        return F.normalize(pooled, dim=-1), F.normalize(per_token, dim=-1)
+
     def forward(self, images: torch.Tensor, tokens: torch.Tensor, patches: bool = False,
                 concept_tokens: Optional[torch.Tensor] = None) -> dict:
         """Everything a step needs in one forward, so that DDP sees every parameter use.
