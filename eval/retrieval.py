@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 
 from eval.plots import recall_png
-from eval.zeroshot import image_config
-from vlm.models.clip import build_tokenizer, load_clip
+from eval.zeroshot import load_for_eval
 from vlm.utils import atomic_write_text, cli, setup_logging
 from vlm.zeroshot import image_features, retrieval_eval, text_features
 
@@ -54,18 +53,14 @@ def main(argv=None) -> int:
     p.add_argument("--ema", action="store_true")
     args = p.parse_args(argv)
     setup_logging()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, info = load_clip(args.checkpoint, use_ema=args.ema)
-    model.to(device)
-    tokenizer = build_tokenizer(model.arch)
+    model, tokenizer, img_cfg, device = load_for_eval(args.checkpoint, args.ema)
     pairs_path = Path(args.pairs)
     pairs = read_pairs(pairs_path, args.image_column, args.text_column)
     root = Path(args.image_root) if args.image_root else pairs_path.parent
     images = list(dict.fromkeys(img for img, _ in pairs))
     index = {img: i for i, img in enumerate(images)}
     with torch.no_grad():
-        img_f = image_features(model, [str(root / i) for i in images], image_config(info, model.image_size),
-                               args.batch_size, device=device)
+        img_f = image_features(model, [str(root / i) for i in images], img_cfg, args.batch_size, device=device)
         txt_f = text_features(model, tokenizer, [t for _, t in pairs], args.batch_size, device)
     result = retrieval_eval(img_f, txt_f, [index[img] for img, _ in pairs])
     result.update(num_images=len(images), num_texts=len(pairs), checkpoint=str(args.checkpoint),

@@ -31,6 +31,14 @@ from vlm.zeroshot import (build_classifier, class_concept_index, classification_
 log = logging.getLogger("eval.zeroshot")
 
 
+def load_for_eval(checkpoint: str, ema: bool = False):
+    """-> (model on the best device, tokenizer, the preprocessing it was trained with, device)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, info = load_clip(checkpoint, use_ema=ema)
+    model.to(device)
+    return model, build_tokenizer(model.arch), image_config(info, model.image_size), device
+
+
 def image_config(info: dict, size: int) -> ImageConfig:
     """The preprocessing the model was trained with (its checkpoint's, or the export's)."""
     img = info.get("image") or {}
@@ -64,11 +72,7 @@ def main(argv=None) -> int:
                    help="weight of concept evidence (needs `concepts` in the prompt file; default 0: off)")
     args = p.parse_args(argv)
     setup_logging()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, info = load_clip(args.checkpoint, use_ema=args.ema)
-    model.to(device)
-    tokenizer = build_tokenizer(model.arch)
-    img_cfg = image_config(info, model.image_size)
+    model, tokenizer, img_cfg, device = load_for_eval(args.checkpoint, args.ema)
     if args.shards:
         if not args.prompts:
             raise ValueError("--shards needs --prompts (its classes are matched against meta.labels)")

@@ -40,6 +40,15 @@ def synth_dir(tmp_path_factory) -> Path:
     return out
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now (for torchrun's rendezvous in tests)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def stand_in_images(root: Path, names, size=(32, 32), mode="RGB"):
     """Draw a distinct stand-in image for each relative name under root (fixtures ship no images)."""
     for i, name in enumerate(names):

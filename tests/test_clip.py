@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import REPO
+from conftest import REPO, free_port
 from vlm.losses import LossConfig, concept_align_loss, contrastive_loss
 from vlm.models.clip import MedCLIP, build_tokenizer
 
@@ -129,7 +129,7 @@ def test_two_process_ddp_equals_one_process(tmp_path, kind):
     script = str(REPO / "tests" / "dist" / "clip_grads.py")
     subprocess.run([sys.executable, script, str(tmp_path / "one.st"), kind], check=True, env=env)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                    str(29500 + os.getpid() % 1000), script, str(tmp_path / "two.st"), kind],
+                    str(free_port()), script, str(tmp_path / "two.st"), kind],
                    check=True, env=env, capture_output=True)
     one, two = load_file(tmp_path / "one.st"), load_file(tmp_path / "two.st")
     assert torch.allclose(one["loss"], two["loss"], atol=1e-5), (one["loss"], two["loss"])
@@ -261,7 +261,7 @@ def test_two_process_step_matches_one_process(tmp_path, parallel):
     script = str(REPO / "tests" / "dist" / "fsdp_step.py")
     subprocess.run([sys.executable, script, str(tmp_path / "one.st"), parallel], check=True, env=env)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(29600 + os.getpid() % 1000), script, str(tmp_path / "two.st"), parallel],
+                        str(free_port()), script, str(tmp_path / "two.st"), parallel],
                        env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     one, two = load_file(tmp_path / "one.st"), load_file(tmp_path / "two.st")

@@ -11,6 +11,7 @@ Shapes: images (B, 3, S, S); tokens (B, L); features (B, D) with D = embed_dim; 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from pathlib import Path
@@ -63,6 +64,17 @@ def build_open_clip(arch: dict, pretrained_text: bool = True) -> nn.Module:
     return cls(vision_cfg=vision_cfg, text_cfg=text_cfg, output_dict=True, **arch)
 
 
+@contextlib.contextmanager
+def _output_tokens(tower: nn.Module):
+    """Temporarily make an open_clip tower return (pooled, tokens)."""
+    was = tower.output_tokens
+    tower.output_tokens = True
+    try:
+        yield
+    finally:
+        tower.output_tokens = was
+
+
 class MedCLIP(nn.Module):
     def __init__(self, arch: dict | str, pretrained_text: bool = True):
         super().__init__()
@@ -106,12 +118,8 @@ class MedCLIP(nn.Module):
             pooled = visual.head(visual.trunk.forward_head(x))
             patches = visual.head(x[:, prefix:])
         else:  # open_clip VisionTransformer: tokens after ln_post, projected like the pooled one
-            was = visual.output_tokens
-            visual.output_tokens = True
-            try:
+            with _output_tokens(visual):
                 pooled, tokens = visual(images)
-            finally:
-                visual.output_tokens = was
             patches = tokens @ visual.proj if visual.proj is not None else tokens
         return F.normalize(pooled, dim=-1), F.normalize(patches, dim=-1)
 
@@ -123,12 +131,8 @@ class MedCLIP(nn.Module):
         """
         text = getattr(self.clip, "text", None)
         if text is not None and hasattr(text, "transformer") and hasattr(text, "pooler"):  # Hugging Face tower
-            was = text.output_tokens
-            text.output_tokens = True
-            try:
+            with _output_tokens(text):
                 pooled, states = text(tokens)
-            finally:
-                text.output_tokens = was
             per_token = text.proj(states)
         else:  # open_clip text transformer (inside CLIP, or CustomTextCLIP's TextTransformer)
             owner = text if text is not None else self.clip
