@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from vlm.data.chat import ChatConfig
 from vlm.data.shards import DataConfig
 from vlm.losses import LossConfig
 
@@ -110,3 +111,43 @@ class ClipRunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     zeroshot: list[ZeroShotSetConfig] = field(default_factory=list)
+
+
+# the attention and MLP projections of Llama, Qwen2, Mistral and Phi families
+LLM_LORA_TARGET = r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|qkv_proj|gate_up_proj|dense)$"
+
+
+@dataclass
+class AssistantModelConfig:
+    """Vision tower + projector + LLM (configs/instruct/*.yaml, model:)."""
+
+    vision: str = "???"  # a train.clip run/checkpoint/export folder, or a CLIP/SigLIP vision model id or folder
+    llm: Optional[str] = None  # a causal LM hub id or local folder ...
+    llm_config: dict = field(default_factory=dict)  # ... or a config to build one from (tiny demo/test LLMs)
+    tokenizer: Optional[str] = None  # default: the LLM's own
+    init_from: Optional[str] = None  # a train.instruct checkpoint to start from (stage 2 after stage 1)
+    stage: int = 1  # 1: only the projector trains; 2: projector + LLM (full or LoRA)
+    vision_feature_layer: int = -2  # LLaVA reads the penultimate layer ...
+    vision_select: str = "default"  # ... without the class token (full: with it)
+    train_vision: bool = False  # stage 2: also train the vision tower ...
+    vision_lr_scale: float = 0.1  # ... at this fraction of the learning rate
+    attn_impl: str = "sdpa"  # sdpa | eager | flash_attention_2
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(target=LLM_LORA_TARGET))  # stage 2 (r > 0: on)
+
+    def __post_init__(self):
+        if self.stage not in (1, 2):
+            raise ValueError(f"model.stage must be 1 or 2, got {self.stage}")
+        if self.vision_select not in ("default", "full"):
+            raise ValueError("model.vision_select must be default or full")
+        if self.attn_impl not in ("sdpa", "eager", "flash_attention_2"):
+            raise ValueError(f"model.attn_impl must be sdpa, eager or flash_attention_2, got {self.attn_impl!r}")
+
+
+@dataclass
+class InstructRunConfig:
+    model: AssistantModelConfig = field(default_factory=AssistantModelConfig)
+    chat: ChatConfig = field(default_factory=ChatConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    packing: bool = True  # several conversations per row (block-diagonal attention); else padded batches
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)

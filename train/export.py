@@ -5,7 +5,9 @@
 --to open_clip: a train.clip checkpoint (run folder, or checkpoints/step_N) -> open_clip folder
 (open_clip_config.json with preprocessing, open_clip_model.safetensors, tokenizer files, model
 card); load it with open_clip.create_model_from_pretrained('local-dir:OUT').
---to transformers: the instruction-tuned assistant (train.instruct) -> a transformers folder.
+--to transformers: a train.instruct checkpoint -> a transformers folder (LlavaForConditionalGeneration
+with LoRA merged, LlavaProcessor with the image preprocessing and chat template); load it with
+AutoModelForImageTextToText / AutoProcessor.from_pretrained(OUT).
 """
 from __future__ import annotations
 
@@ -41,6 +43,65 @@ def export_clip(args) -> Path:
     return out
 
 
+def export_assistant(args) -> Path:
+    """A train.instruct checkpoint -> a transformers folder: LlavaForConditionalGeneration (LoRA merged)
+    + a LlavaProcessor (image preprocessing, tokenizer, chat template) + a model card."""
+    from safetensors.torch import load_file
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    from train.config import InstructRunConfig
+    from train.instruct import build_assistant
+    from vlm.checkpoint import list_checkpoints, load_weights_into
+    from vlm.config import load_config
+    from vlm.models.lora import merge_lora
+
+    p = Path(args.checkpoint)
+    if (p / "checkpoints").is_dir():
+        p = list_checkpoints(p / "checkpoints")[-1]
+    state = json.loads((p / "state.json").read_text())
+    if "chat" not in state["config"]:
+        raise ValueError(f"{p} is not a train.instruct checkpoint (use --to open_clip for a CLIP run)")
+    cfg = _from_dict(InstructRunConfig, state["config"])
+    cfg.model.init_from = None
+    model, tokenizer = build_assistant(cfg)
+    load_weights_into(model, load_file(p / "model.safetensors"), str(p / "model.safetensors"))
+    merged = merge_lora(model)
+    model.eval()
+    img = cfg.data.image
+    vcfg = model.config.vision_config
+    image_processor = CLIPImageProcessor(size={"shortest_edge": img.size}, crop_size={"height": img.size, "width": img.size},
+                                         image_mean=list(img.mean), image_std=list(img.std), do_center_crop=True,
+                                         resample=2)
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=vcfg.patch_size,
+                               vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+                               chat_template=tokenizer.chat_template, image_token=cfg.chat.image_token,
+                               num_additional_image_tokens=1)
+    out = Path(args.out)
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    (tmp / "README.md").write_text(
+        f"---\nlibrary_name: transformers\npipeline_tag: image-text-to-text\ntags: [medical, llava]\n---\n\n"
+        f"# {args.name or out.name}\n\nA LLaVA-style medical assistant trained with this repository's train.instruct "
+        f"(stage {cfg.model.stage}, {state['step']} steps{', LoRA merged' if merged else ''}). Load it with stock "
+        f"transformers:\n\n```python\nfrom transformers import AutoModelForImageTextToText, AutoProcessor\n"
+        f"model = AutoModelForImageTextToText.from_pretrained('PATH')\nprocessor = AutoProcessor.from_pretrained('PATH')"
+        f"\n```\n\nResearch use only; not a medical device.\n")
+    import shutil
+
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    log.info("transformers folder -> %s", out)
+    return out
+
+
+def _from_dict(cls, data: dict):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), OmegaConf.create(data)))
+
+
 @cli
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.export", description=__doc__,
@@ -54,11 +115,7 @@ def main(argv=None) -> int:
     p.add_argument("--ema", action="store_true", help="export the EMA weights")
     args = p.parse_args(argv)
     setup_logging()
-    if args.to == "open_clip":
-        out = export_clip(args)
-    else:
-        raise ValueError("--to transformers exports an instruction-tuned assistant (train.instruct), which this "
-                         "checkpoint is not; use --to open_clip for a CLIP checkpoint")
+    out = export_clip(args) if args.to == "open_clip" else export_assistant(args)
     if args.push_to_hub:
         from vlm.hub import push_to_hub
 

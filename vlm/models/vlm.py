@@ -135,3 +135,25 @@ def load_vision_tower(source: str | Path):
         return SiglipVisionModel.from_pretrained(str(source)).eval()
     raise ValueError(f"{source}: vision tower type {kind!r} is not supported (CLIP or SigLIP vision models, or a "
                      "train.clip run with an open_clip ViT)")
+
+
+def build_llm(name_or_path: Optional[str], llm_config: dict, tokenizer, attn_impl: str = "sdpa"):
+    """A causal LM from a hub id / folder (no remote code), or built from a config dict (tiny LLMs)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if name_or_path:
+        llm = AutoModelForCausalLM.from_pretrained(name_or_path, attn_implementation=attn_impl,
+                                                   trust_remote_code=False)
+    else:
+        cfg = dict(llm_config)
+        kind = cfg.pop("model_type", None)
+        if kind is None:
+            raise ValueError("model.llm_config needs a model_type (llama, qwen2, mistral, phi3, ...)")
+        cfg.setdefault("vocab_size", len(tokenizer))
+        for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
+            if getattr(tokenizer, key, None) is not None:
+                cfg.setdefault(key, getattr(tokenizer, key))
+        llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **cfg), attn_implementation=attn_impl)
+    if len(tokenizer) > llm.get_input_embeddings().num_embeddings:
+        llm.resize_token_embeddings(len(tokenizer))
+    return llm

@@ -1,0 +1,145 @@
+"""train.instruct end to end on tiny models: stage 1 -> stage 2, bad conversations skipped and
+counted, resume identity, and the transformers export giving the same logits in stock classes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, stand_in_images
+
+
+@pytest.fixture(scope="module")
+def assets(synth_dir, tmp_path_factory):
+    """A 32 px open_clip export (the vision tower), a tokenizer trained on the corpus, a llava shard with bad rows."""
+    from data_prep.shards import main as shards_main
+    from data_prep.tokenizer import main as tok_main
+    from vlm.hub import export_open_clip
+    from vlm.models.clip import MedCLIP
+
+    root = tmp_path_factory.mktemp("instruct")
+    arch = json.loads((REPO / "configs/model/tiny-vit-text.json").read_text())
+    arch.pop("_comment")
+    arch["vision_cfg"].update(image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    export_open_clip(MedCLIP(arch), root / "vision", [0.48145466, 0.4578275, 0.40821073],
+                     [0.26862954, 0.26130258, 0.27577711])
+    assert tok_main(["--shards", str(synth_dir / "instruct"), "--out", str(root / "tok"), "--vocab-size", "600"]) == 0
+    good = [{"id": f"g{i}", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat is shown?"},
+                                                                {"from": "gpt", "value": "A chest x-ray."}]}
+            for i in range(6)]
+    bad = [{"id": "no_token", "image": "a.png", "conversations": [{"from": "human", "value": "What is shown?"},
+                                                                 {"from": "gpt", "value": "x"}]},
+           {"id": "empty", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nq"},
+                                                              {"from": "gpt", "value": ""}]}]
+    stand_in_images(root / "llava", ["a.png"])
+    (root / "llava" / "data.json").write_text(json.dumps(good + bad))
+    assert shards_main(["--format", "llava", "--input", str(root / "llava" / "data.json"), "--out",
+                        str(root / "llava_shards"), "--workers", "0", "--quiet"]) == 0
+    return root
+
+
+def run(args, **kw):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "train.instruct", *args], env=env, capture_output=True, text=True, **kw)
+
+
+def base_args(assets, stage: int, source: Path, out: Path, steps: int, extra=()):
+    cfg = REPO / f"configs/instruct/demo_stage{stage}.yaml"
+    return ["--config", str(cfg), f"model.vision={assets / 'vision'}", f"model.tokenizer={assets / 'tok'}",
+            "model.llm_config.hidden_size=64", "model.llm_config.intermediate_size=128",
+            f"data.sources.0.path={source}", "data.image.size=32", "data.num_workers=0", "data.batch_size=4",
+            f"train.output_dir={out}", f"train.steps={steps}", "train.save_every=2", "train.progress=false",
+            "train.tensorboard=false", "train.log_every=1", "optim.warmup_steps=1",
+            *(["model.init_from=null"] if stage == 2 else []), *extra]
+
+
+def test_stage1_then_stage2(assets, synth_dir, tmp_path):
+    s1, s2 = tmp_path / "s1", tmp_path / "s2"
+    r = run(base_args(assets, 1, synth_dir / "pretrain", s1, 4))
+    assert r.returncode == 0, r.stderr[-3000:]
+    w1 = load_file(s1 / "checkpoints/step_00000004/model.safetensors")
+    w0 = load_file(s1 / "checkpoints/step_00000002/model.safetensors")
+    moved = {k for k in w1 if not torch.equal(w0[k], w1[k])}
+    assert moved and all(k.startswith("model.multi_modal_projector.") for k in moved)  # stage 1: projector only
+    r = run(base_args(assets, 2, synth_dir / "instruct", s2, 12, [f"model.init_from={s1}", "chat.max_length=256"]))
+    assert r.returncode == 0, r.stderr[-3000:]
+    losses = [json.loads(x)["loss"] for x in (s2 / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0]
+    w2 = load_file(s2 / "checkpoints/step_00000012/model.safetensors")
+    assert not torch.equal(w2["lm_head.weight"], w1["lm_head.weight"])
+
+
+def test_bad_conversations_are_skipped_and_counted(assets, tmp_path):
+    out = tmp_path / "bad"
+    r = run(base_args(assets, 2, assets / "llava_shards", out, 2, ["chat.max_length=160"]))
+    assert r.returncode == 0, r.stderr[-3000:]
+    skipped = json.loads((out / "result.json").read_text())["skipped"]
+    assert skipped == {"image_token_mismatch": 1, "empty_assistant_turn": 1}
+    assert "skipping sample llava-no_token: image_token_mismatch" in r.stderr
+
+
+def test_no_chat_template_is_a_clear_error(assets, tmp_path, synth_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(assets / "tok")
+    tok.chat_template = None
+    tok.save_pretrained(tmp_path / "notemplate")
+    (tmp_path / "notemplate" / "chat_template.jinja").unlink(missing_ok=True)
+    r = run(base_args(assets, 2, synth_dir / "instruct", tmp_path / "x", 2, [f"model.tokenizer={tmp_path / 'notemplate'}"]))
+    assert r.returncode == 2 and "no chat template" in r.stderr
+
+
+def test_resume_identity_and_transformers_export(assets, synth_dir, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    args = lambda out, steps, extra=(): base_args(assets, 2, synth_dir / "instruct", out, steps,
+                                                  ["chat.max_length=256", "data.num_workers=2", *extra])
+    assert run(args(a, 6)).returncode == 0
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "train.instruct", *args(b, 6)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (b / "checkpoints" / "step_00000002" / "COMPLETE").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    r = run(args(b, 6, ["train.resume=latest"]))
+    assert r.returncode == 0 and "resumed from" in r.stderr
+    wa = load_file(a / "checkpoints/step_00000006/model.safetensors")
+    wb = load_file(b / "checkpoints/step_00000006/model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from train.config import InstructRunConfig
+    from train.export import _from_dict, main as export_main
+    from train.instruct import build_assistant
+    from vlm.checkpoint import load_weights_into
+
+    assert export_main(["--checkpoint", str(a), "--to", "transformers", "--out", str(tmp_path / "hf")]) == 0
+    stock = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf").eval()
+    processor = AutoProcessor.from_pretrained(tmp_path / "hf")
+    state = json.loads((a / "checkpoints/step_00000006/state.json").read_text())
+    cfg = _from_dict(InstructRunConfig, state["config"])
+    cfg.model.init_from = None
+    ours, tok = build_assistant(cfg)
+    load_weights_into(ours, wa)
+    ours.eval()
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What imaging modality is this?"}]}]
+    prompt = processor.apply_chat_template(msgs, add_generation_prompt=True)
+    from PIL import Image
+
+    inputs = processor(images=Image.new("RGB", (32, 32), (90, 40, 40)), text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        theirs = stock(**inputs).logits
+        mine = ours(**inputs).logits
+    assert torch.allclose(theirs, mine, atol=1e-4)

@@ -1,0 +1,187 @@
+"""Instruction tuning of the assistant (LLaVA's recipe): stage 1 aligns the projector on captions,
+stage 2 trains projector + LLM (full or LoRA) on conversations.
+
+    python -m train.instruct --config configs/instruct/demo_stage1.yaml [key=value ...]
+    torchrun --nproc_per_node 8 -m train.instruct --config configs/instruct/llava_med_7b_lora.yaml
+
+Conversations (LLaVA / LLaVA-Med format, in shard metadata) are rendered with the tokenizer's chat
+template (stage 1: the plain template), only assistant tokens are labels, image placeholders are
+expanded to the vision tower's patch count, and rows are packed (several conversations per row,
+attention kept inside each) unless packing=false. Bad conversations are skipped and counted by
+reason. The loss is the mean over all label tokens of the global step (exact across
+micro-batches and ranks). Same checkpoint/resume/logging machinery as train.clip.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from train.config import InstructRunConfig
+from train.distributed import cleanup, init_distributed
+from train.trainer import StepContext, Trainer
+from vlm.config import load_config
+from vlm.data.chat import (IGNORE, SkipExample, check_template, encode, fit_length, normalize_conversation,
+                           pack, packed_causal_mask)
+from vlm.data.shards import ShardLoader
+from vlm.utils import cli, setup_logging
+
+log = logging.getLogger("train.instruct")
+
+
+class ConversationSample:
+    """sample_fn for the stream (runs in loader workers): decoded sample -> token ids and labels, or a skip reason."""
+
+    def __init__(self, tokenizer, chat, image_seq_len: int):
+        self.tokenizer, self.chat, self.n = tokenizer, chat, image_seq_len
+        self.image_id = tokenizer.convert_tokens_to_ids(chat.image_token)
+
+    def __call__(self, sample: dict):
+        conv = sample["meta"].get("conversations")
+        if self.chat.template == "plain" and sample.get("text"):  # stage 1: the caption is the answer
+            conv = [{"from": "human", "value": self.chat.image_token + "\n"}, {"from": "gpt", "value": sample["text"]}]
+        if not conv:
+            return "no_conversation"
+        try:
+            msgs = normalize_conversation(conv, 1 + len(sample["views"]), self.chat.image_token)
+            ids, labels = encode(msgs, self.tokenizer, self.chat, self.n)
+            ids, labels = fit_length(ids, labels, self.chat, self.image_id)
+        except SkipExample as e:
+            return e.reason
+        return {"key": sample["key"], "input_ids": ids, "labels": labels,
+                "pixel_values": [sample["image"], *sample["views"]]}
+
+
+class InstructCollate:
+    """Examples -> a batch: packed rows (block-diagonal 4-D mask, position ids restarting) or padded rows."""
+
+    def __init__(self, packing: bool, max_len: int, pad_id: int):
+        self.packing, self.max_len, self.pad_id = packing, max_len, pad_id
+
+    def __call__(self, examples: list[dict]) -> dict:
+        pixels = torch.stack([p for ex in examples for p in ex["pixel_values"]])
+        pairs = [(ex["input_ids"], ex["labels"]) for ex in examples]
+        if self.packing:
+            rows = pack(pairs, self.max_len)
+            width = max(len(r["input_ids"]) for r in rows)
+            ids = torch.full((len(rows), width), self.pad_id)
+            labels = torch.full((len(rows), width), IGNORE)
+            pos = torch.zeros((len(rows), width), dtype=torch.long)
+            masks = []
+            for i, r in enumerate(rows):
+                n = len(r["input_ids"])
+                ids[i, :n], labels[i, :n], pos[i, :n] = r["input_ids"], r["labels"], r["position_ids"]
+                masks.append(packed_causal_mask(r["seq_lens"], width)[0])
+            return {"keys": [ex["key"] for ex in examples], "input_ids": ids, "labels": labels, "position_ids": pos,
+                    "attention_mask": torch.stack(masks), "pixel_values": pixels}
+        width = max(len(a) for a, _ in pairs)
+        ids = torch.full((len(pairs), width), self.pad_id)
+        labels = torch.full((len(pairs), width), IGNORE)
+        mask = torch.zeros((len(pairs), width), dtype=torch.long)
+        for i, (a, b) in enumerate(pairs):
+            ids[i, :len(a)], labels[i, :len(b)], mask[i, :len(a)] = torch.tensor(a), torch.tensor(b), 1
+        return {"keys": [ex["key"] for ex in examples], "input_ids": ids, "labels": labels, "attention_mask": mask,
+                "pixel_values": pixels}
+
+
+class InstructTask:
+    """Next-token loss averaged over every label token of the step (all micro-batches, all ranks)."""
+
+    def train_step(self, model, batches: list[dict], ctx: StepContext) -> dict:
+        device = ctx.d.device
+        n = torch.tensor(float(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)), device=device)
+        if ctx.d.enabled:
+            dist.all_reduce(n)
+        n = n.clamp(min=1.0)
+        total = 0.0
+        for j, b in enumerate(batches):
+            inputs = {k: b[k].to(device) for k in ("input_ids", "attention_mask", "position_ids", "pixel_values") if k in b}
+            with ctx.no_sync(last=j == len(batches) - 1), ctx.autocast():
+                logits = model(**inputs).logits
+                labels = b["labels"].to(device)
+                loss_sum = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                           labels[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum")
+                (loss_sum * ctx.d.world_size / n).backward()
+            total += float(loss_sum.detach())
+        return {"loss": total * ctx.d.world_size / float(n), "tokens": float(n)}
+
+    def after_step(self, model) -> None:
+        pass
+
+
+def build_assistant(cfg: InstructRunConfig):
+    from transformers import AutoTokenizer
+
+    from vlm.checkpoint import load_weights_into
+    from vlm.models.lora import inject_lora
+    from vlm.models.vlm import build_llava, build_llm, freeze_for_stage, load_vision_tower
+
+    m = cfg.model
+    if not m.llm and not m.llm_config:
+        raise ValueError("model.llm (a hub id or folder) or model.llm_config is required")
+    tokenizer = AutoTokenizer.from_pretrained(m.tokenizer or m.llm, trust_remote_code=False)
+    check_template(tokenizer, cfg.chat)
+    vision = load_vision_tower(m.vision)
+    llm = build_llm(m.llm, m.llm_config, tokenizer, m.attn_impl)
+    model = build_llava(vision, llm, tokenizer.convert_tokens_to_ids(cfg.chat.image_token),
+                        m.vision_feature_layer, m.vision_select)
+    if m.init_from:
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+
+        from vlm.checkpoint import list_checkpoints
+
+        p = Path(m.init_from)
+        if (p / "checkpoints").is_dir():
+            p = list_checkpoints(p / "checkpoints")[-1]
+        load_weights_into(model, load_file(p / "model.safetensors"), f"model.init_from={m.init_from}")
+    freeze_for_stage(model, m.stage, m.train_vision)
+    if m.stage == 2 and m.lora.r > 0:
+        n = inject_lora(model, "model.language_model.", m.lora.target, m.lora.r, m.lora.alpha, m.lora.dropout)
+        log.info("LoRA r=%d on %d LLM linears", m.lora.r, n)
+    return model, tokenizer
+
+
+@cli
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.instruct", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="a run config (configs/instruct/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100 model.stage=2")
+    args = p.parse_args(argv)
+    cfg = load_config(InstructRunConfig, args.config, args.overrides)
+    d = init_distributed()
+    setup_logging(quiet=not d.is_main)
+    try:
+        torch.manual_seed(cfg.train.seed + d.rank)
+        model, tokenizer = build_assistant(cfg)
+        cfg.data.require_text = cfg.chat.template == "plain"
+        sample_fn = ConversationSample(tokenizer, cfg.chat, int(model.config.image_seq_length))
+        collate = InstructCollate(cfg.packing, cfg.chat.max_length, tokenizer.pad_token_id or 0)
+        loader = ShardLoader(cfg.data, rank=d.rank, world_size=d.world_size, sample_fn=sample_fn, collate_fn=collate)
+        scales = {"model.vision_tower.": cfg.model.vision_lr_scale} if cfg.model.train_vision else None
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log.info("assistant: %.1fM parameters, %.2fM trainable (stage %d), %d image tokens per image",
+                 sum(p.numel() for p in model.parameters()) / 1e6, n_train / 1e6, cfg.model.stage,
+                 model.config.image_seq_length)
+        trainer = Trainer(model, InstructTask(), loader, cfg.train, cfg.optim, d, cfg, lr_scales=scales)
+        result = trainer.fit()
+        if d.is_main:
+            from vlm.utils import atomic_write_text
+
+            tokenizer.save_pretrained(trainer.out / "tokenizer")
+            atomic_write_text(trainer.out / "result.json", json.dumps(
+                {"step": result["step"], "final_metrics": result["metrics"], "skipped": loader.skipped}, indent=1))
+    finally:
+        cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
