@@ -50,7 +50,7 @@ define stage
 	fi
 endef
 
-demo: $(STAMP) $(STAGES)/export_clip
+demo: $(STAMP) $(STAGES)/export_clip $(STAGES)/export_vlm
 	@echo "[demo] finished: corpus in $(DATA), runs and logs in $(DEMO)"
 
 $(STAGES)/synth: | $(STAMP)
@@ -84,6 +84,32 @@ $(STAGES)/zeroshot: $(STAGES)/clip
 
 $(STAGES)/export_clip: $(STAGES)/zeroshot
 	$(call stage,export_clip,$(PY) -m train.export --checkpoint $(DEMO)/clip --to open_clip --out $(DEMO)/exports/open_clip)
+
+$(STAGES)/tokenizer: $(STAGES)/synth
+	$(call stage,tokenizer,$(PY) -m data_prep.tokenizer --shards $(DATA)/synth/instruct $(DATA)/synth/pretrain --out $(DATA)/tokenizer)
+
+$(STAGES)/stage1: $(STAGES)/clip $(STAGES)/tokenizer
+	$(call stage,stage1,$(PY) -m train.instruct --config configs/instruct/demo_stage1.yaml train.resume=latest train.progress=false)
+
+$(STAGES)/stage2: $(STAGES)/stage1
+	$(call stage,stage2,$(PY) -m train.instruct --config configs/instruct/demo_stage2.yaml train.resume=latest train.progress=false)
+
+$(STAGES)/vqa: $(STAGES)/stage2
+	$(call stage,vqa,\
+	  $(PY) -m eval.vqa generate --checkpoint $(DEMO)/stage2 --benchmark slake --data-root $(DATA)/synth/eval/slake \
+	    --out $(DEMO)/vqa_predictions.jsonl --batch-size 32 && \
+	  $(PY) -m eval.vqa score --benchmark slake --data-root $(DATA)/synth/eval/slake \
+	    --predictions $(DEMO)/vqa_predictions.jsonl --out $(DEMO)/vqa.json)
+
+$(STAGES)/report: $(STAGES)/stage2
+	$(call stage,report,\
+	  $(PY) -m eval.report generate --checkpoint $(DEMO)/stage2 --benchmark iu_xray \
+	    --annotation $(DATA)/synth/eval/iu_xray/annotation.json --out $(DEMO)/report_predictions.jsonl && \
+	  $(PY) -m eval.report score --benchmark iu_xray --annotation $(DATA)/synth/eval/iu_xray/annotation.json \
+	    --predictions $(DEMO)/report_predictions.jsonl --out $(DEMO)/report.json)
+
+$(STAGES)/export_vlm: $(STAGES)/vqa $(STAGES)/report
+	$(call stage,export_vlm,$(PY) -m train.export --checkpoint $(DEMO)/stage2 --to transformers --out $(DEMO)/exports/transformers)
 
 clean-demo:
 	rm -rf $(DEMO) $(DATA)

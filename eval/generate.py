@@ -21,8 +21,10 @@ def generate(model, tokenizer, requests: list[dict], batch_size: int = 16, max_n
              device: Optional[torch.device] = None) -> list[str]:
     device = device or next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    from vlm.data.chat import end_of_turn_ids
+
     configured = getattr(model.generation_config, "eos_token_id", None)
-    eos = sorted({t for t in [tokenizer.eos_token_id, *_as_list(configured)] if t is not None})
+    eos = sorted({t for t in [*end_of_turn_ids(tokenizer), *_as_list(configured)] if t is not None})
     model.eval()
     out: list[str] = []
     for start in range(0, len(requests), batch_size):
@@ -54,3 +56,58 @@ def _as_list(x) -> list:
     if x is None:
         return []
     return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _pixels(image, transform) -> torch.Tensor:
+    if image is None:
+        raise ValueError("this item has no image")
+    if isinstance(image, (bytes, bytearray)):
+        return transform.from_bytes(bytes(image))
+    with open(image, "rb") as f:
+        return transform.from_bytes(f.read())
+
+
+def answer_file(model, tokenizer, image: dict, items: list[tuple], out, id_key: str, batch_size: int = 16,
+                max_new_tokens: int = 64, desc: str = "generate") -> int:
+    """Answer ``items`` = [(id, prompt text without the image token, image path or bytes)] into the JSONL
+    ``out`` ({id_key: id, "text": answer}), batched. Resumable: ids already in ``out`` are skipped;
+    answers are appended batch by batch, and the file is finally rewritten in item order (atomically).
+    Returns how many were generated now."""
+    import json
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from vlm.data.transforms import ImageConfig, MedicalImageTransform
+    from vlm.utils import atomic_write_text
+
+    out = Path(out)
+    done: dict[str, dict] = {}
+    if out.is_file():
+        for line in out.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                done[str(rec[id_key])] = rec
+    todo = [it for it in items if str(it[0]) not in done]
+    transform = MedicalImageTransform(ImageConfig(size=image["size"], mean=image["mean"], std=image["std"]))
+    image_id = tokenizer.convert_tokens_to_ids(image["image_token"])
+    n_img = int(model.config.image_seq_length)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a") as f:
+        for s in tqdm(range(0, len(todo), batch_size), desc=desc, unit="batch"):
+            chunk = todo[s:s + batch_size]
+            requests = []
+            for qid, text, img in chunk:
+                msgs = [{"role": "user", "content": image["image_token"] + "\n" + text}]
+                prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+                ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+                ids = [t for t0 in ids for t in ([t0] * n_img if t0 == image_id else [t0])]
+                requests.append({"input_ids": ids, "pixel_values": _pixels(img, transform)})
+            answers = generate(model, tokenizer, requests, batch_size=len(requests), max_new_tokens=max_new_tokens)
+            for (qid, _, _), ans in zip(chunk, answers):
+                rec = {id_key: qid, "text": ans}
+                done[str(qid)] = rec
+                f.write(json.dumps(rec) + "\n")
+            f.flush()
+    atomic_write_text(out, "".join(json.dumps(done[str(it[0])]) + "\n" for it in items))
+    return len(todo)

@@ -59,6 +59,20 @@ def score(args) -> dict:
     return result
 
 
+def generate_reports(args) -> int:
+    from eval.generate import answer_file
+    from vlm.models.vlm import load_assistant
+
+    bench = REPORT_BENCHMARKS[args.benchmark](args.annotation, split=args.split)
+    items = bench.load()
+    model, tokenizer, image = load_assistant(args.checkpoint)
+    todo = [(it.id, args.prompt, it.images[0] if it.images else None) for it in items]  # the first (frontal) view
+    n = answer_file(model, tokenizer, image, todo, args.out, "id", args.batch_size, args.max_new_tokens,
+                    desc=f"{args.benchmark} reports")
+    log.info("%d reports generated now (%d in all) -> %s", n, len(items), args.out)
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m eval.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,6 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text processing before scoring (default r2gen: R2Gen's cleaning)")
     s.add_argument("--allow-missing", action="store_true", help="score studies without a prediction as empty")
     s.add_argument("--no-clinical", action="store_true", help="skip CheXbert/RadGraph even if installed")
+    g = sub.add_parser("generate", help="write reports for a split with a trained assistant (JSONL)")
+    g.add_argument("--checkpoint", required=True, help="a train.instruct run/checkpoint or a transformers export")
+    g.add_argument("--benchmark", required=True, choices=sorted(REPORT_BENCHMARKS))
+    g.add_argument("--annotation", required=True)
+    g.add_argument("--split", default="test")
+    g.add_argument("--out", required=True, help="predictions JSONL (ids already there are skipped: resumable)")
+    g.add_argument("--prompt", default="Write the radiology report for this chest x-ray.")
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--max-new-tokens", type=int, default=128)
     return p
 
 
@@ -88,6 +111,8 @@ def main(argv=None) -> int:
         for name, why in r["unavailable"].items():
             print(f"{name}: unavailable: {why}")
         log.info("wrote %s in %.1fs", args.out, r["seconds"])
+    elif args.command == "generate":
+        generate_reports(args)
     return 0
 
 

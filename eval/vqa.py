@@ -1,5 +1,6 @@
 """Medical VQA: score predictions (and, with a trained assistant, generate them).
 
+    python -m eval.vqa generate --checkpoint runs/demo/stage2 --benchmark slake --data-root Slake1.0 --out answers.jsonl
     python -m eval.vqa score --benchmark slake --data-root Slake1.0 --predictions answers.jsonl --out slake.json
 
 Benchmarks: vqa_rad (official JSON or HF parquet), slake (official JSON, English by default),
@@ -50,6 +51,21 @@ def score(args) -> dict:
     atomic_write_text(out.with_suffix(".questions.csv"), _csv(scored))
     atomic_write_text(out.with_suffix(".md"), markdown(result))
     return result
+
+
+def generate_answers(args) -> int:
+    from eval.generate import answer_file
+    from vlm.models.vlm import load_assistant
+
+    bench = VQA_BENCHMARKS[args.benchmark](args.data_root, split=args.split, lang=args.lang)
+    items = bench.load()
+    model, tokenizer, image = load_assistant(args.checkpoint)
+    suffix = " Answer with yes or no." if args.closed_hint else ""
+    todo = [(it.qid, it.question + (suffix if it.answer_type == "CLOSED" else ""), it.image) for it in items]
+    n = answer_file(model, tokenizer, image, todo, args.out, "question_id", args.batch_size, args.max_new_tokens,
+                    desc=f"{args.benchmark} answers")
+    log.info("%d answers generated now (%d in all) -> %s", n, len(items), args.out)
+    return n
 
 
 def _csv(scored) -> str:
@@ -108,6 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-missing", action="store_true", help="score questions without a prediction as wrong")
     s.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs (0: none)")
     s.add_argument("--seed", type=int, default=0)
+    g = sub.add_parser("generate", help="answer a benchmark's questions with a trained assistant (JSONL)")
+    g.add_argument("--checkpoint", required=True, help="a train.instruct run/checkpoint or a transformers export")
+    g.add_argument("--benchmark", required=True, choices=sorted(VQA_BENCHMARKS))
+    g.add_argument("--data-root", required=True)
+    g.add_argument("--out", required=True, help="predictions JSONL (ids already there are skipped: resumable)")
+    g.add_argument("--split", default=None)
+    g.add_argument("--lang", default="en", choices=["en", "zh", "all"])
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--closed-hint", action="store_true",
+                   help="append 'Answer with yes or no.' to closed questions (some papers' prompt; off by default)")
     return p
 
 
@@ -119,6 +146,8 @@ def main(argv=None) -> int:
         r = score(args)
         print(markdown(r).split("\n### ")[0])
         log.info("wrote %s (+ .questions.csv, .md) in %.2fs", args.out, r["seconds"])
+    elif args.command == "generate":
+        generate_answers(args)
     return 0
 
 

@@ -11,10 +11,11 @@ from vlm.data.shards import DataConfig
 
 def schema_for(path: Path) -> type:
     """The dataclass a YAML under configs/<kind>/ is validated against (the entry point that reads it)."""
-    from train.config import ClipRunConfig
+    from train.config import ClipRunConfig, InstructRunConfig
     from vlm.zeroshot import PromptConfig
 
-    schemas = {"data": DataConfig, "concepts": VocabularyConfig, "clip": ClipRunConfig, "prompts": PromptConfig}
+    schemas = {"data": DataConfig, "concepts": VocabularyConfig, "clip": ClipRunConfig, "prompts": PromptConfig,
+               "instruct": InstructRunConfig}
     kind = Path(path).parent.name
     if kind not in schemas:
         raise ConfigError(f"{path}: no schema for configs/{kind}/ (known: {sorted(schemas)})")

@@ -76,6 +76,10 @@ def export_assistant(args) -> Path:
                                vision_feature_select_strategy=model.config.vision_feature_select_strategy,
                                chat_template=tokenizer.chat_template, image_token=cfg.chat.image_token,
                                num_additional_image_tokens=1)
+    from vlm.data.chat import end_of_turn_ids
+
+    model.generation_config.eos_token_id = end_of_turn_ids(tokenizer)  # stop at the end of the assistant turn
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
     out = Path(args.out)
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp)

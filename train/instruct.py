@@ -115,21 +115,18 @@ class InstructTask:
 
 
 def build_assistant(cfg: InstructRunConfig):
-    from transformers import AutoTokenizer
+    from dataclasses import asdict
+
+    from transformers import AutoTokenizer  # noqa: F401  (a clear ImportError early)
 
     from vlm.checkpoint import load_weights_into
-    from vlm.models.lora import inject_lora
-    from vlm.models.vlm import build_llava, build_llm, freeze_for_stage, load_vision_tower
+    from vlm.models.vlm import assistant_from_config, freeze_for_stage
 
     m = cfg.model
     if not m.llm and not m.llm_config:
         raise ValueError("model.llm (a hub id or folder) or model.llm_config is required")
-    tokenizer = AutoTokenizer.from_pretrained(m.tokenizer or m.llm, trust_remote_code=False)
+    model, tokenizer = assistant_from_config({**asdict(m), "lora": {}}, cfg.chat.image_token)
     check_template(tokenizer, cfg.chat)
-    vision = load_vision_tower(m.vision)
-    llm = build_llm(m.llm, m.llm_config, tokenizer, m.attn_impl)
-    model = build_llava(vision, llm, tokenizer.convert_tokens_to_ids(cfg.chat.image_token),
-                        m.vision_feature_layer, m.vision_select)
     if m.init_from:
         from pathlib import Path
 
@@ -143,6 +140,8 @@ def build_assistant(cfg: InstructRunConfig):
         load_weights_into(model, load_file(p / "model.safetensors"), f"model.init_from={m.init_from}")
     freeze_for_stage(model, m.stage, m.train_vision)
     if m.stage == 2 and m.lora.r > 0:
+        from vlm.models.lora import inject_lora
+
         n = inject_lora(model, "model.language_model.", m.lora.target, m.lora.r, m.lora.alpha, m.lora.dropout)
         log.info("LoRA r=%d on %d LLM linears", m.lora.r, n)
     return model, tokenizer

@@ -201,3 +201,25 @@ def packed_causal_mask(seq_lens: list[int], total: Optional[int] = None, dtype=t
         allowed[idx, idx] = True
     mask = torch.zeros(T, T, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
     return mask[None, None]
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The token(s) that end an assistant turn in the tokenizer's chat template (plus EOS): what
+    generation must stop on. Found by rendering a one-turn conversation."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if getattr(tokenizer, "chat_template", None):
+        marker = "zqxjv"
+        try:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
+                                                  {"role": "assistant", "content": marker}], tokenize=False)
+        except Exception:  # a template that rejects this shape: EOS only
+            return ids
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        end = text.find(marker) + len(marker)
+        special = set(tokenizer.all_special_ids)
+        for t, (a, _) in zip(enc["input_ids"], enc["offset_mapping"]):
+            if a >= end:
+                if t in special and t not in ids:
+                    ids.append(t)
+                break
+    return ids

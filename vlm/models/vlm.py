@@ -157,3 +157,59 @@ def build_llm(name_or_path: Optional[str], llm_config: dict, tokenizer, attn_imp
     if len(tokenizer) > llm.get_input_embeddings().num_embeddings:
         llm.resize_token_embeddings(len(tokenizer))
     return llm
+
+
+def assistant_from_config(model_cfg: dict, image_token: str = "<image>"):
+    """Build (model, tokenizer) from a train.instruct ``model`` config section (a plain dict)."""
+    from transformers import AutoTokenizer
+
+    from vlm.models.lora import inject_lora
+
+    tokenizer = AutoTokenizer.from_pretrained(model_cfg.get("tokenizer") or model_cfg["llm"], trust_remote_code=False)
+    vision = load_vision_tower(model_cfg["vision"])
+    llm = build_llm(model_cfg.get("llm"), model_cfg.get("llm_config") or {}, tokenizer,
+                    model_cfg.get("attn_impl", "sdpa"))
+    model = build_llava(vision, llm, tokenizer.convert_tokens_to_ids(image_token),
+                        model_cfg.get("vision_feature_layer", -2), model_cfg.get("vision_select", "default"))
+    lora = model_cfg.get("lora") or {}
+    if model_cfg.get("stage", 1) == 2 and lora.get("r", 0) > 0:
+        inject_lora(model, "model.language_model.", lora["target"], lora["r"], lora["alpha"], lora.get("dropout", 0.0))
+    return model, tokenizer
+
+
+def load_assistant(path: str | Path):
+    """A trained assistant for inference: a transformers export folder, or a train.instruct run /
+    checkpoint folder (LoRA merged). -> (model in eval mode, tokenizer, image settings dict)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from vlm.checkpoint import list_checkpoints, load_weights_into
+    from vlm.models.lora import merge_lora
+
+    p = Path(path)
+    if (p / "checkpoints").is_dir():
+        found = list_checkpoints(p / "checkpoints")
+        if not found:
+            raise ValueError(f"{p}: no complete checkpoint")
+        p = found[-1]
+    if (p / "state.json").is_file():
+        cfg = json.loads((p / "state.json").read_text())["config"]
+        if "chat" not in cfg:
+            raise ValueError(f"{p} is not a train.instruct checkpoint")
+        model, tokenizer = assistant_from_config(cfg["model"], cfg["chat"].get("image_token", "<image>"))
+        load_weights_into(model, load_file(p / "model.safetensors"), str(p / "model.safetensors"))
+        merge_lora(model)
+        image = cfg["data"]["image"]
+        return model.eval(), tokenizer, {"size": image["size"], "mean": image["mean"], "std": image["std"],
+                                         "image_token": cfg["chat"].get("image_token", "<image>")}
+    if (p / "config.json").is_file():
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        model = AutoModelForImageTextToText.from_pretrained(p).eval()
+        processor = AutoProcessor.from_pretrained(p)
+        ip = processor.image_processor
+        size = ip.crop_size["height"] if getattr(ip, "crop_size", None) else ip.size.get("shortest_edge")
+        return model, processor.tokenizer, {"size": size, "mean": list(ip.image_mean), "std": list(ip.image_std),
+                                            "image_token": getattr(processor, "image_token", "<image>")}
+    raise ValueError(f"{p}: neither a train.instruct checkpoint nor a transformers folder")
