@@ -169,7 +169,11 @@ def main(argv=None) -> int:
         log.info("assistant: %.1fM parameters, %.2fM trainable (stage %d), %d image tokens per image",
                  sum(p.numel() for p in model.parameters()) / 1e6, n_train / 1e6, cfg.model.stage,
                  model.config.image_seq_length)
-        trainer = Trainer(model, InstructTask(), loader, cfg.train, cfg.optim, d, cfg, lr_scales=scales)
+        # FSDP2: one unit per LLM decoder layer
+        lm_layers = getattr(model.model.language_model, "layers", None)
+        shard = (type(lm_layers[0]),) if lm_layers is not None and len(lm_layers) else ()
+        trainer = Trainer(model, InstructTask(), loader, cfg.train, cfg.optim, d, cfg, lr_scales=scales,
+                          shard_modules=shard)
         result = trainer.fit()
         if d.is_main:
             from vlm.utils import atomic_write_text

@@ -26,17 +26,18 @@ from vlm.registry import get_model_config
 log = logging.getLogger(__name__)
 
 
-def _hf_available(name_or_path: str) -> None:
+def check_hf_source(name_or_path: str, what: str = "text tower") -> None:
     """A Hugging Face text tower must be a local folder, or a hub id already in the local cache."""
     import os
 
     if Path(name_or_path).is_dir():
-        if not (Path(name_or_path) / "config.json").is_file():
-            raise ValueError(f"text tower folder {name_or_path} has no config.json")
+        wanted = ("tokenizer.json", "tokenizer_config.json") if what == "tokenizer" else ("config.json",)
+        if not any((Path(name_or_path) / f).is_file() for f in wanted):
+            raise ValueError(f"{what} folder {name_or_path} has no {' or '.join(wanted)}")
         return
     looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1
     if looks_like_path:
-        raise ValueError(f"text tower {name_or_path!r} is not a local folder (and not a hub id 'org/name')")
+        raise ValueError(f"{what} {name_or_path!r} is not a local folder (and not a hub id 'org/name')")
     from huggingface_hub import try_to_load_from_cache
 
     try:
@@ -45,7 +46,7 @@ def _hf_available(name_or_path: str) -> None:
         cached = None
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     if not isinstance(cached, str) and offline:
-        raise ValueError(f"text tower {name_or_path!r} is not a local folder and not in the Hugging Face cache, "
+        raise ValueError(f"{what} {name_or_path!r} is not a local folder and not in the Hugging Face cache, "
                          "and HF_HUB_OFFLINE=1: nothing can be downloaded")
 
 
@@ -58,7 +59,7 @@ def build_open_clip(arch: dict, pretrained_text: bool = True) -> nn.Module:
     vision_cfg = dict(arch.pop("vision_cfg"))
     custom = "hf_model_name" in text_cfg or arch.pop("custom_text", False)
     if "hf_model_name" in text_cfg:
-        _hf_available(text_cfg["hf_model_name"])
+        check_hf_source(text_cfg["hf_model_name"])
         text_cfg.setdefault("hf_model_pretrained", pretrained_text)
     cls = CustomTextCLIP if custom else CLIP
     return cls(vision_cfg=vision_cfg, text_cfg=text_cfg, output_dict=True, **arch)
@@ -191,7 +192,7 @@ def build_tokenizer(arch: dict | str):
     text_cfg = arch["text_cfg"]
     ctx = text_cfg.get("context_length", 77)
     if "hf_tokenizer_name" in text_cfg:
-        _hf_available(text_cfg["hf_tokenizer_name"])
+        check_hf_source(text_cfg["hf_tokenizer_name"], "tokenizer")
         return HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=ctx)
     return SimpleTokenizer(context_length=ctx)
 

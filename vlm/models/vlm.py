@@ -165,7 +165,13 @@ def assistant_from_config(model_cfg: dict, image_token: str = "<image>"):
 
     from vlm.models.lora import inject_lora
 
-    tokenizer = AutoTokenizer.from_pretrained(model_cfg.get("tokenizer") or model_cfg["llm"], trust_remote_code=False)
+    from vlm.models.clip import check_hf_source
+
+    tok_source = model_cfg.get("tokenizer") or model_cfg["llm"]
+    check_hf_source(str(tok_source), "tokenizer")
+    if model_cfg.get("llm"):
+        check_hf_source(str(model_cfg["llm"]), "LLM")
+    tokenizer = AutoTokenizer.from_pretrained(tok_source, trust_remote_code=False)
     vision = load_vision_tower(model_cfg["vision"])
     llm = build_llm(model_cfg.get("llm"), model_cfg.get("llm_config") or {}, tokenizer,
                     model_cfg.get("attn_impl", "sdpa"))
