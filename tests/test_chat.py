@@ -137,3 +137,12 @@ def test_pack_respects_max_len_and_order():
     rows = pack(ex, max_len=9)
     assert [r["seq_lens"] for r in rows] == [[5, 4], [3, 6]]
     assert rows[1]["position_ids"].tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("answer", ["a", "assistant", "user", "im"])
+def test_answers_that_also_occur_in_the_template_headers(answer):
+    """'a' occurs in 'assistant': the answer must be found where the template starts it, not earlier."""
+    tok = make_tokenizer(CHATML)
+    conv = [{"from": "human", "value": "<image>\nWhat modality is this?"}, {"from": "gpt", "value": answer}]
+    ids, labels = encode(normalize_conversation(conv, 1), tok, ChatConfig(), 2)
+    assert tok.decode([x for x in labels if x != IGNORE]) == f"{answer}<|im_end|>"

@@ -105,15 +105,18 @@ def encode(messages: list[dict], tokenizer, cfg: ChatConfig, image_seq_len: int)
             messages = [{"role": "system", "content": cfg.system_prompt}] + messages
         text = tokenizer.apply_chat_template(messages, tokenize=False)
         spans, cursor = [], 0
-        for m in messages:
-            content = m["content"]
-            at = text.find(content, cursor) if content else cursor
-            if at < 0:
-                if m["role"] == "assistant":
-                    raise SkipExample("masking_failed", "assistant content not found in the rendered template")
+        for k, m in enumerate(messages):
+            if m["role"] != "assistant":
                 continue
-            if m["role"] == "assistant":
-                spans.append((at, at + len(content)))
+            # where the template starts this answer: the rendered prefix with a generation prompt
+            # (searching the whole text could match inside a header, e.g. the 'a' of 'assistant')
+            prefix = tokenizer.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True)
+            start = len(prefix) if text.startswith(prefix) else cursor
+            content = m["content"].strip()
+            at = text.find(content, max(start, cursor))
+            if at < 0 or (text.startswith(prefix) and text[start:at].strip()):
+                raise SkipExample("masking_failed", "assistant content not found where the template puts it")
+            spans.append((at, at + len(content)))
             cursor = at + len(content)
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
