@@ -40,6 +40,21 @@ def synth_dir(tmp_path_factory) -> Path:
     return out
 
 
+def kill_after_checkpoint(cmd: list[str], env: dict, checkpoint: Path, timeout: float = 120) -> None:
+    """Start ``cmd``, SIGKILL it as soon as ``checkpoint`` is complete (mid-run, no clean-up)."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not (checkpoint / "COMPLETE").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def free_port() -> int:
     """A TCP port nobody listens on now (for torchrun's rendezvous in tests)."""
     import socket

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO
+from conftest import REPO, kill_after_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -45,14 +43,8 @@ def test_kill_and_resume_is_bit_identical(synth_dir, tiny32, tmp_path):
     r = run(args_for(synth_dir, tiny32, a))  # 20 steps of 16 from 240 samples: crosses an epoch
     assert r.returncode == 0, r.stderr[-3000:]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "train.clip", *args_for(synth_dir, tiny32, b)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (b / "checkpoints" / "step_00000008" / "COMPLETE").exists():
-        assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint([sys.executable, "-m", "train.clip", *args_for(synth_dir, tiny32, b)], env,
+                          b / "checkpoints" / "step_00000008")
     done = sorted(p.name for p in (b / "checkpoints").iterdir())
     assert "step_00000020" not in done
     r = run(args_for(synth_dir, tiny32, b, extra=["train.resume=latest"]))

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, stand_in_images
+from conftest import REPO, kill_after_checkpoint, stand_in_images
 
 
 @pytest.fixture(scope="module")
@@ -104,14 +102,8 @@ def test_resume_identity_and_transformers_export(assets, synth_dir, tmp_path):
                                                   ["chat.max_length=256", "data.num_workers=2", *extra])
     assert run(args(a, 6)).returncode == 0
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "train.instruct", *args(b, 6)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (b / "checkpoints" / "step_00000002" / "COMPLETE").exists():
-        assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint([sys.executable, "-m", "train.instruct", *args(b, 6)], env,
+                          b / "checkpoints" / "step_00000002")
     r = run(args(b, 6, ["train.resume=latest"]))
     assert r.returncode == 0 and "resumed from" in r.stderr
     wa = load_file(a / "checkpoints/step_00000006/model.safetensors")

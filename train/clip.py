@@ -10,7 +10,6 @@ autocast by train.precision, checkpoints every train.save_every steps in
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -21,11 +20,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from train.config import ClipRunConfig, LoraConfig
+from train.config import ClipRunConfig, LoraConfig, parse_run_config
 from train.distributed import cleanup, init_distributed
 from train.trainer import StepContext, Trainer
 from vlm.checkpoint import load_weights_into
-from vlm.config import load_config
 from vlm.data.shards import ShardLoader
 from vlm.losses import concept_align_loss, contrastive_loss
 from vlm.models.attention import set_attention
@@ -199,12 +197,7 @@ def seed_everything(seed: int) -> None:
 
 @cli
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.clip", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="a run config (configs/clip/*.yaml)")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100 optim.lr=1e-4")
-    args = p.parse_args(argv)
-    cfg = load_config(ClipRunConfig, args.config, args.overrides)
+    cfg = parse_run_config("python -m train.clip", __doc__, ClipRunConfig, argv, "train.steps=100 optim.lr=1e-4")
     d = init_distributed()
     setup_logging(quiet=not d.is_main)
     try:

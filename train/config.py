@@ -151,3 +151,16 @@ class InstructRunConfig:
     packing: bool = True  # several conversations per row (block-diagonal attention); else padded batches
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def parse_run_config(prog: str, doc: str, cls: type, argv=None, example: str = "train.steps=100"):
+    """The entry points' shared command line: --config FILE plus dotted key=value overrides."""
+    import argparse
+
+    from vlm.config import load_config
+
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="a run config YAML")
+    p.add_argument("overrides", nargs="*", help=f"dotted key=value overrides, e.g. {example}")
+    args = p.parse_args(argv)
+    return load_config(cls, args.config, args.overrides)

@@ -13,7 +13,6 @@ micro-batches and ranks). Same checkpoint/resume/logging machinery as train.clip
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -22,10 +21,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from train.config import InstructRunConfig
+from train.config import InstructRunConfig, parse_run_config
 from train.distributed import cleanup, init_distributed
 from train.trainer import StepContext, Trainer
-from vlm.config import load_config
 from vlm.data.chat import (IGNORE, SkipExample, check_template, encode, fit_length, normalize_conversation,
                            pack, packed_causal_mask)
 from vlm.data.shards import ShardLoader
@@ -149,12 +147,8 @@ def build_assistant(cfg: InstructRunConfig):
 
 @cli
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.instruct", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="a run config (configs/instruct/*.yaml)")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100 model.stage=2")
-    args = p.parse_args(argv)
-    cfg = load_config(InstructRunConfig, args.config, args.overrides)
+    cfg = parse_run_config("python -m train.instruct", __doc__, InstructRunConfig, argv,
+                           "train.steps=100 model.stage=2")
     d = init_distributed()
     setup_logging(quiet=not d.is_main)
     try:
