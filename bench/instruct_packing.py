@@ -37,6 +37,8 @@ def main(argv=None) -> int:
     p.add_argument("--examples", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8, help="padded baseline: examples per batch")
     p.add_argument("--report-share", type=float, default=0.3, help="fraction of examples whose answer is a report")
+    p.add_argument("--pack-window", type=int, default=8, help="examples the packer sees at once (data.batch_size)")
+    p.add_argument("--row-tokens", type=int, default=0, help="packed row length (default: the longest example)")
     p.add_argument("--vision", default=str(REPO / "runs/demo/clip"))
     p.add_argument("--tokenizer", default=str(REPO / "data/demo/tokenizer"))
     a = p.parse_args(argv)
@@ -85,11 +87,11 @@ def main(argv=None) -> int:
         return real_tokens / (time.perf_counter() - t0)
 
     padded = InstructCollate(False, 0, tok.pad_token_id)
-    packer = InstructCollate(True, longest, tok.pad_token_id)
+    packer = InstructCollate(True, max(a.row_tokens, longest), tok.pad_token_id)
     pad_batches = [padded(examples[i:i + a.batch_size]) for i in range(0, len(examples), a.batch_size)]
-    # packing: a row holds up to the longest example's length; rows are grouped a.batch_size examples at a time
-    # as the stream delivers them, so the work per optimizer step is comparable
-    pack_batches = [packer(examples[i:i + a.batch_size]) for i in range(0, len(examples), a.batch_size)]
+    # packing: rows of up to --row-tokens, filled from --pack-window examples at a time (what the stream
+    # delivers per step with data.batch_size = pack window)
+    pack_batches = [packer(examples[i:i + a.pack_window]) for i in range(0, len(examples), a.pack_window)]
     pad_slots = sum(b["input_ids"].numel() for b in pad_batches)
     pack_slots = sum(b["input_ids"].numel() for b in pack_batches)
     peer = run(pad_batches)
@@ -97,7 +99,7 @@ def main(argv=None) -> int:
     print(f"packed {ours:.0f} tokens/s ({real_tokens / pack_slots:.0%} of slots real), padded {peer:.0f} tokens/s "
           f"({real_tokens / pad_slots:.0%} real); {len(examples)} examples, {real_tokens} tokens", file=sys.stderr)
     print(result_line("instruct_packing", ours, peer, unit="tokens/s", examples=len(examples),
-                      batch_size=a.batch_size, pad_efficiency=round(real_tokens / pad_slots, 3),
+                      batch_size=a.batch_size, pack_window=a.pack_window, row_tokens=max(a.row_tokens, longest), pad_efficiency=round(real_tokens / pad_slots, 3),
                       pack_efficiency=round(real_tokens / pack_slots, 3)))
     return 0
 
