@@ -52,7 +52,6 @@ def export_assistant(args) -> Path:
     from train.config import InstructRunConfig
     from train.instruct import build_assistant
     from vlm.checkpoint import list_checkpoints, load_weights_into
-    from vlm.config import load_config
     from vlm.models.lora import merge_lora
 
     p = Path(args.checkpoint)

@@ -115,8 +115,6 @@ class InstructTask:
 def build_assistant(cfg: InstructRunConfig):
     from dataclasses import asdict
 
-    from transformers import AutoTokenizer  # noqa: F401  (a clear ImportError early)
-
     from vlm.checkpoint import load_weights_into
     from vlm.models.vlm import assistant_from_config, freeze_for_stage
 

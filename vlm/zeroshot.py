@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -250,5 +250,3 @@ def retrieval_eval(image_feats: torch.Tensor, text_feats: torch.Tensor, text_to_
     out["mean_recall"] = float(np.mean(list(i2t.values()) + list(t2i.values())))
     return out
 
-
-Tokenizer = Callable[[list[str]], torch.Tensor]

@@ -143,3 +143,29 @@ def read_parquet_rows(path):
         return read(path)
     except FormatError as e:
         raise SourceError(str(e)) from None
+
+
+def parquet_vqa_records(opts, source: str, modality: str, qa_keys: tuple[str, ...]):
+    """A Hugging Face VQA parquet release (VQA-RAD, PathVQA): rows of the splits --split names
+    (all by default), grouped by image content (the release has no image names)."""
+    import hashlib
+
+    from data_prep.writer import ImageRef, load_image_bytes
+    from vlm.data.formats import parquet_image
+
+    wanted = None if opts.split in (None, "all") else set(opts.split.split(","))
+    rows = []
+    for split, part in read_parquet_rows(opts.input):
+        if wanted and split not in wanted:
+            continue
+        for r in part:  # qid: the row's index within its split (vlm.data.formats)
+            r["split"] = split
+            rows.append(r)
+
+    def image_id(r):
+        data = parquet_image(r)
+        return f"{r['split']}-{hashlib.blake2b(data, digest_size=8).hexdigest()}" if data else None
+
+    return vqa_records(rows, source=source, qa_keys=qa_keys, image_id=image_id,
+                       make_ref=lambda r: ImageRef(load_image_bytes, (parquet_image(r), opts.max_pixels)),
+                       meta_of=lambda r: {"source": source, "modality": modality, "split": r["split"]})

@@ -6,12 +6,11 @@ numbers: a pickle that names any class or function is refused, never executed.
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
-from data_prep.sources import SourceError, read_parquet_rows, vqa_records
-from vlm.data.formats import FormatError, load_plain_pickle as _load_plain_pickle, parquet_image
-from data_prep.writer import ImageRef, load_image_bytes, load_image_file
+from data_prep.sources import SourceError, parquet_vqa_records, vqa_records
+from vlm.data.formats import FormatError, load_plain_pickle as _load_plain_pickle
+from data_prep.writer import ImageRef, load_image_file
 
 QA_KEYS = ("qid", "question", "answer", "answer_type")
 
@@ -27,22 +26,7 @@ def read(opts):
     src = opts.source_name or "pathvqa"
     p = Path(opts.input)
     if p.suffix == ".parquet" or p.is_dir():
-        wanted = None if opts.split in (None, "all") else set(opts.split.split(","))
-        rows = []
-        for split, part in read_parquet_rows(p):
-            if wanted and split not in wanted:
-                continue
-            for r in part:  # qid: the row's index within its split (vlm.data.formats)
-                r["split"] = split
-                rows.append(r)
-
-        def image_id(r):
-            data = parquet_image(r)
-            return f"{r['split']}-{hashlib.blake2b(data, digest_size=8).hexdigest()}" if data else None
-
-        return vqa_records(rows, source=src, qa_keys=QA_KEYS, image_id=image_id,
-                           make_ref=lambda r: ImageRef(load_image_bytes, (parquet_image(r), opts.max_pixels)),
-                           meta_of=lambda r: {"source": src, "modality": "histopathology", "split": r["split"]})
+        return parquet_vqa_records(opts, src, "histopathology", QA_KEYS)
     data = load_plain_pickle(p)
     if not isinstance(data, list) or (data and not isinstance(data[0], dict)):
         raise SourceError(f"{p}: expected a list of {{'image', 'question', 'answer'}} records")

@@ -6,12 +6,11 @@ Official JSON: test = phrase_type test_freeform + test_para (451 questions), the
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
-from data_prep.sources import SourceError, load_json, read_parquet_rows, vqa_records
-from vlm.data.formats import parquet_image, vqa_rad_split
-from data_prep.writer import ImageRef, load_image_bytes, load_image_file
+from data_prep.sources import SourceError, load_json, parquet_vqa_records, vqa_records
+from vlm.data.formats import vqa_rad_split
+from data_prep.writer import ImageRef, load_image_file
 
 QA_KEYS = ("qid", "question", "answer", "answer_type", "question_type", "phrase_type", "image_organ")
 
@@ -20,21 +19,7 @@ def read(opts):
     src = opts.source_name or "vqa_rad"
     wanted = None if opts.split in (None, "all") else set(opts.split.split(","))
     if str(opts.input).endswith(".parquet") or Path(opts.input).is_dir():
-        rows = []
-        for split, part in read_parquet_rows(opts.input):
-            if wanted and split not in wanted:
-                continue
-            for r in part:  # qid: the row's index within its split (vlm.data.formats)
-                r["split"] = split
-                rows.append(r)
-
-        def image_id(r):
-            data = parquet_image(r)
-            return f"{r['split']}-{hashlib.blake2b(data, digest_size=8).hexdigest()}" if data else None
-
-        return vqa_records(rows, source=src, qa_keys=QA_KEYS, image_id=image_id,
-                           make_ref=lambda r: ImageRef(load_image_bytes, (parquet_image(r), opts.max_pixels)),
-                           meta_of=lambda r: {"source": src, "modality": opts.modality or "radiology", "split": r["split"]})
+        return parquet_vqa_records(opts, src, opts.modality or "radiology", QA_KEYS)
     data = load_json(opts.input, "--input")
     if not isinstance(data, list) or (data and not {"image_name", "question", "answer", "phrase_type"} <= set(data[0])):
         raise SourceError(f"{opts.input}: expected VQA-RAD's list of records with image_name, question, answer, "

@@ -43,6 +43,17 @@ class VQABenchmark:
     def load(self) -> list[VQAItem]:
         raise NotImplementedError
 
+    def load_parquet(self, other_layout: str) -> list[VQAItem]:
+        """The Hugging Face parquet release: question id = row index within the split."""
+        from vlm.data.formats import answer_type, parquet_image, read_parquet_rows
+
+        splits = dict(read_parquet_rows(self.root))
+        if self.split not in splits:
+            raise BenchmarkError(f"{self.name}: no {other_layout} and no {self.split!r} parquet split in {self.root}")
+        return [VQAItem(r["qid"], r["question"], str(r["answer"]), answer_type(r, r["answer"]),
+                        image=parquet_image(r), categories={"answer_type": answer_type(r, r["answer"])})
+                for r in splits[self.split]]
+
 
 class ReportBenchmark:
     """R2Gen's annotation.json layout: {"train", "val", "test"} of {"id", "report", "image_path"}."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from eval.benchmarks.base import BenchmarkError, VQABenchmark, VQAItem
-from vlm.data.formats import answer_type, load_plain_pickle, parquet_image, read_parquet_rows
+from vlm.data.formats import answer_type, load_plain_pickle
 
 
 class PathVQA(VQABenchmark):
@@ -32,9 +32,4 @@ class PathVQA(VQABenchmark):
                                      image=str(images / (name if Path(name).suffix else name + ".jpg")),
                                      categories={"answer_type": answer_type(r, ans)}))
             return items
-        splits = dict(read_parquet_rows(self.root))
-        if self.split not in splits:
-            raise BenchmarkError(f"pathvqa: no {pkl} and no {self.split!r} parquet split in {self.root}")
-        return [VQAItem(r["qid"], r["question"], str(r["answer"]), answer_type(r, r["answer"]),
-                        image=parquet_image(r), categories={"answer_type": answer_type(r, r["answer"])})
-                for r in splits[self.split]]
+        return self.load_parquet(f"{pkl}")

@@ -5,7 +5,7 @@ or the Hugging Face parquet release (question id = row index within the split).
 from __future__ import annotations
 
 from eval.benchmarks.base import BenchmarkError, VQABenchmark, VQAItem
-from vlm.data.formats import VQA_RAD_FILE, answer_type, load_json_file, parquet_image, read_parquet_rows, vqa_rad_split
+from vlm.data.formats import VQA_RAD_FILE, answer_type, load_json_file, vqa_rad_split
 
 
 class VQARad(VQABenchmark):
@@ -29,9 +29,4 @@ class VQARad(VQABenchmark):
                     categories={"answer_type": answer_type(r, ans), "question_type": r.get("question_type"),
                                 "organ": r.get("image_organ"), "phrase_type": r.get("phrase_type")}))
             return items
-        splits = dict(read_parquet_rows(self.root))
-        if self.split not in splits:
-            raise BenchmarkError(f"vqa_rad: no {VQA_RAD_FILE} and no {self.split!r} parquet split in {self.root}")
-        return [VQAItem(r["qid"], r["question"], str(r["answer"]), answer_type(r, r["answer"]),
-                        image=parquet_image(r), categories={"answer_type": answer_type(r, r["answer"])})
-                for r in splits[self.split]]
+        return self.load_parquet(f"{VQA_RAD_FILE}")

@@ -15,7 +15,6 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-import torch
 import torch.nn as nn
 
 log = logging.getLogger(__name__)
