@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vlm.data.chat import (IGNORE, ChatConfig, SkipExample, check_template, encode, fit_length,
-                           normalize_conversation, pack, packed_causal_mask)
+                           normalize_conversation, pack)
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -104,39 +104,52 @@ def test_truncate_or_drop():
         fit_length(ids, labels, ChatConfig(max_length=10, overlong="drop"), image_id=999)
 
 
-def test_packed_loss_equals_unpacked_loss():
-    from transformers import LlamaConfig, LlamaForCausalLM
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_packed_loss_equals_unpacked_loss(impl):
+    """A packed row (position ids restarting, no mask) gives each example the logits it has alone:
+    sdpa runs as vlm/models/varlen.py's per-segment attention, eager through transformers' packed mask."""
+    from vlm.models.vlm import build_llm
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                         attn_implementation="eager")).eval()
+    tok = make_tokenizer(CHATML)
+    model = build_llm(None, {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                             "max_position_embeddings": 128}, tok, impl).eval()
     g = torch.Generator().manual_seed(1)
     examples = []
-    for n in (7, 12, 5):
-        ids = torch.randint(1, 64, (n,), generator=g).tolist()
-        labels = [IGNORE] * 2 + ids[2:]
-        examples.append((ids, labels))
+    for n in (7, 12, 5, 12):
+        ids = torch.randint(1, len(tok), (n,), generator=g).tolist()
+        examples.append((ids, [IGNORE] * 2 + ids[2:]))
 
     def token_loss_sum(logits, labels):
         return torch.nn.functional.cross_entropy(logits[:-1], labels[1:], ignore_index=IGNORE, reduction="sum")
 
-    with torch.no_grad():
-        unpacked = sum(token_loss_sum(model(torch.tensor([i])).logits[0], torch.tensor(l)) for i, l in examples)
-        row = pack(examples, max_len=32)
-        assert len(row) == 1 and row[0]["seq_lens"] == [7, 12, 5]
-        r = row[0]
-        mask = packed_causal_mask(r["seq_lens"])
-        logits = model(r["input_ids"][None], attention_mask=mask, position_ids=r["position_ids"][None]).logits[0]
-        packed = token_loss_sum(logits, r["labels"])
+    unpacked = sum(token_loss_sum(model(torch.tensor([i])).logits[0], torch.tensor(l)) for i, l in examples)
+    # use_cache=False as in training: transformers looks for packed rows only without a KV cache
+    rows = pack(examples, max_len=20)
+    assert sorted(n for r in rows for n in r["seq_lens"]) == [5, 7, 12, 12] and len(rows) == 2
+    packed = 0.0
+    for r in rows:
+        logits = model(r["input_ids"][None], position_ids=r["position_ids"][None], use_cache=False).logits[0]
+        packed = packed + sum(token_loss_sum(logits[s:s + n], r["labels"][s:s + n])
+                              for s, n in zip([0, *torch.tensor(r["seq_lens"]).cumsum(0).tolist()], r["seq_lens"]))
     assert torch.allclose(packed, unpacked, atol=1e-4), (packed, unpacked)
+    packed.backward()
+    g_packed = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    unpacked.backward()
+    for a, b in zip(g_packed, (p.grad for p in model.parameters())):
+        assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_pack_respects_max_len_and_order():
-    ex = [([1] * n, [1] * n) for n in (5, 4, 3, 6)]
+def test_pack_first_fit_decreasing():
+    ex = [([1] * n, [1] * n) for n in (5, 4, 3, 6, 2)]
     rows = pack(ex, max_len=9)
-    assert [r["seq_lens"] for r in rows] == [[5, 4], [3, 6]]
-    assert rows[1]["position_ids"].tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 5]
+    assert [r["seq_lens"] for r in rows] == [[3, 6], [5, 4], [2]]  # stream order kept inside a row
+    assert [r["index"] for r in rows] == [[2, 3], [0, 1], [4]]
+    assert rows[0]["position_ids"].tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 5]
+    with pytest.raises(ValueError, match="does not fit"):
+        pack([([1] * 10, [1] * 10)], max_len=9)
 
 
 @pytest.mark.parametrize("answer", ["a", "assistant", "user", "im"])

@@ -82,3 +82,72 @@ def test_load_vision_tower_from_folders(clip, tmp_path):
     with torch.no_grad():
         assert torch.allclose(tower(pixel_values=x).pooler_output @ clip.clip.visual.proj,
                               clip.encode_image(x, normalize=False), atol=1e-5)
+
+
+def assistant_pair(clip):
+    """The same assistant twice: LLM attention through sdpa (our packed-aware sdpa_varlen) and eager."""
+    from test_chat import CHATML, make_tokenizer
+
+    from vlm.models.vlm import build_llm
+
+    tok = make_tokenizer(CHATML)
+    cfg = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}
+    models = []
+    for impl in ("sdpa", "eager"):
+        torch.manual_seed(3)
+        llm = build_llm(None, cfg, tok, impl)
+        model = build_llava(openclip_vit_to_hf(clip.clip.visual), llm, tok.convert_tokens_to_ids("<image>"))
+        freeze_for_stage(model, 2)
+        models.append(model)
+    models[1].load_state_dict(models[0].state_dict())
+    assert models[0].config.text_config._attn_implementation == "sdpa_varlen"
+    assert models[1].config.text_config._attn_implementation == "eager"
+    return tok, models
+
+
+def test_sdpa_eager_logits_and_packed_padded_grouped_losses_agree(clip):
+    """One set of conversations (different images, lengths, one of them twice) through every batching mode
+    and both attention implementations: same logits (padded batch), same loss and gradients."""
+    from train.distributed import Dist
+    from train.instruct import InstructCollate, InstructTask
+    from train.trainer import StepContext
+    from vlm.data.chat import ChatConfig, encode, normalize_conversation
+
+    tok, (sdpa, eager) = assistant_pair(clip)
+    n_img = sdpa.config.image_seq_length
+    answers = ["Yes.", "A small nodule in the right upper lung.", "No.", "Chest x-ray, frontal view.", "Yes."]
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    for i, a in enumerate(answers):
+        conv = [{"from": "human", "value": "<image>\nWhat is seen here?" + " Describe." * i}, {"from": "gpt", "value": a}]
+        ids, labels = encode(normalize_conversation(conv, 1), tok, ChatConfig(), n_img)
+        examples.append({"key": f"k{i}", "input_ids": ids, "labels": labels,
+                         "pixel_values": [torch.randn(3, 64, 64, generator=g)]})
+    padded = InstructCollate(False, 0, tok.pad_token_id)(examples)
+    with torch.no_grad():
+        inputs = {k: padded[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+        a, b = sdpa.eval()(**inputs).logits, eager.eval()(**inputs).logits
+    real = padded["attention_mask"].bool()
+    assert torch.allclose(a[real], b[real], atol=1e-5)
+
+    longest = max(len(e["input_ids"]) for e in examples)
+    batches = {"padded": padded,
+               "grouped": InstructCollate(False, 0, tok.pad_token_id, group_size=2)(examples),
+               "packed": InstructCollate(True, 2 * longest, tok.pad_token_id)(examples)}
+    assert batches["packed"]["input_ids"].shape[0] < len(examples)  # several conversations per row
+    assert len(batches["grouped"]["groups"]) == 3
+    results = {}
+    for model in (sdpa, eager):
+        model.train()
+        for name, batch in batches.items():
+            model.zero_grad()
+            out = InstructTask().train_step(model, [batch], StepContext(model, Dist(), "fp32"))
+            grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+            results[(model.config.text_config._attn_implementation, name)] = (out["loss"], out["tokens"], grads)
+    ref_loss, ref_tokens, ref_grads = results[("eager", "padded")]
+    for key, (loss, tokens, grads) in results.items():
+        assert tokens == ref_tokens, key
+        assert abs(loss - ref_loss) < 1e-5, (key, loss, ref_loss)
+        for x, y in zip(grads, ref_grads):
+            assert torch.allclose(x, y, atol=1e-5), key

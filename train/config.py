@@ -148,7 +148,10 @@ class InstructRunConfig:
     model: AssistantModelConfig = field(default_factory=AssistantModelConfig)
     chat: ChatConfig = field(default_factory=ChatConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    packing: bool = True  # several conversations per row (block-diagonal attention); else padded batches
+    packing: bool = True  # several conversations per row, attention kept inside each; else padded batches
+    pack_length: int = 0  # tokens per packed row (0: chat.max_length); a micro-batch is data.batch_size
+    #                       conversations packed into as few such rows as they fit
+    group_size: int = 0  # packing=false: pad length-sorted groups of this many conversations (0: the whole batch)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 

@@ -24,8 +24,7 @@ import torch.nn.functional as F
 from train.config import InstructRunConfig, parse_run_config
 from train.distributed import cleanup, init_distributed
 from train.trainer import StepContext, Trainer
-from vlm.data.chat import (IGNORE, SkipExample, check_template, encode, fit_length, normalize_conversation,
-                           pack, packed_causal_mask)
+from vlm.data.chat import IGNORE, SkipExample, check_template, encode, fit_length, normalize_conversation, pack
 from vlm.data.shards import ShardLoader
 from vlm.utils import cli, setup_logging
 
@@ -56,35 +55,49 @@ class ConversationSample:
 
 
 class InstructCollate:
-    """Examples -> a batch: packed rows (block-diagonal 4-D mask, position ids restarting) or padded rows."""
+    """Examples -> a batch.
 
-    def __init__(self, packing: bool, max_len: int, pad_id: int):
-        self.packing, self.max_len, self.pad_id = packing, max_len, pad_id
+    packing: the examples packed into as few rows of ``max_len`` tokens as fit, position ids restarting at
+    each example and no attention mask (the attention function keeps each example to itself).
+    Otherwise right-padded rows with a padding mask; with ``group_size`` the examples are sorted by
+    length and padded in groups of that many (length-grouped batching: each group is its own forward,
+    the loss is still the token mean of the whole step)."""
+
+    def __init__(self, packing: bool, max_len: int, pad_id: int, group_size: int = 0):
+        self.packing, self.max_len, self.pad_id, self.group_size = packing, max_len, pad_id, group_size
 
     def __call__(self, examples: list[dict]) -> dict:
-        pixels = torch.stack([p for ex in examples for p in ex["pixel_values"]])
-        pairs = [(ex["input_ids"], ex["labels"]) for ex in examples]
-        if self.packing:
-            rows = pack(pairs, self.max_len)
-            width = max(len(r["input_ids"]) for r in rows)
-            ids = torch.full((len(rows), width), self.pad_id)
-            labels = torch.full((len(rows), width), IGNORE)
-            pos = torch.zeros((len(rows), width), dtype=torch.long)
-            masks = []
-            for i, r in enumerate(rows):
-                n = len(r["input_ids"])
-                ids[i, :n], labels[i, :n], pos[i, :n] = r["input_ids"], r["labels"], r["position_ids"]
-                masks.append(packed_causal_mask(r["seq_lens"], width)[0])
-            return {"keys": [ex["key"] for ex in examples], "input_ids": ids, "labels": labels, "position_ids": pos,
-                    "attention_mask": torch.stack(masks), "pixel_values": pixels}
-        width = max(len(a) for a, _ in pairs)
-        ids = torch.full((len(pairs), width), self.pad_id)
-        labels = torch.full((len(pairs), width), IGNORE)
-        mask = torch.zeros((len(pairs), width), dtype=torch.long)
-        for i, (a, b) in enumerate(pairs):
-            ids[i, :len(a)], labels[i, :len(b)], mask[i, :len(a)] = torch.tensor(a), torch.tensor(b), 1
+        if not self.packing and 0 < self.group_size < len(examples):
+            order = sorted(examples, key=lambda ex: len(ex["input_ids"]))
+            groups = [self._padded(order[i:i + self.group_size]) for i in range(0, len(order), self.group_size)]
+            return {"keys": [ex["key"] for ex in examples], "groups": groups}
+        return self._packed(examples) if self.packing else self._padded(examples)
+
+    def _packed(self, examples: list[dict]) -> dict:
+        rows = pack([(ex["input_ids"], ex["labels"]) for ex in examples], self.max_len)
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id)
+        labels = torch.full((len(rows), width), IGNORE)
+        pos = torch.arange(width).repeat(len(rows), 1)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, :n], labels[i, :n], pos[i, :n] = r["input_ids"], r["labels"], r["position_ids"]
+            pos[i, n:] -= n  # the padding tail is one more segment of its own
+        # images in the order of their placeholders in the rows
+        order = [i for r in rows for i in r["index"]]
+        return {"keys": [examples[i]["key"] for i in order], "input_ids": ids, "labels": labels, "position_ids": pos,
+                "pixel_values": torch.stack([p for i in order for p in examples[i]["pixel_values"]])}
+
+    def _padded(self, examples: list[dict]) -> dict:
+        width = max(len(ex["input_ids"]) for ex in examples)
+        ids = torch.full((len(examples), width), self.pad_id)
+        labels = torch.full((len(examples), width), IGNORE)
+        mask = torch.zeros((len(examples), width), dtype=torch.long)
+        for i, ex in enumerate(examples):
+            a, b = ex["input_ids"], ex["labels"]
+            ids[i, :len(a)], labels[i, :len(b)], mask[i, :len(a)] = torch.as_tensor(a), torch.as_tensor(b), 1
         return {"keys": [ex["key"] for ex in examples], "input_ids": ids, "labels": labels, "attention_mask": mask,
-                "pixel_values": pixels}
+                "pixel_values": torch.stack([p for ex in examples for p in ex["pixel_values"]])}
 
 
 class InstructTask:
@@ -92,6 +105,7 @@ class InstructTask:
 
     def train_step(self, model, batches: list[dict], ctx: StepContext) -> dict:
         device = ctx.d.device
+        batches = [g for b in batches for g in b.get("groups", [b])]  # length-grouped padded batches
         n = torch.tensor(float(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)), device=device)
         if ctx.d.enabled:
             dist.all_reduce(n)
@@ -100,7 +114,7 @@ class InstructTask:
         for j, b in enumerate(batches):
             inputs = {k: b[k].to(device) for k in ("input_ids", "attention_mask", "position_ids", "pixel_values") if k in b}
             with ctx.no_sync(last=j == len(batches) - 1), ctx.autocast():
-                logits = model(**inputs).logits
+                logits = model(**inputs, use_cache=False).logits
                 labels = b["labels"].to(device)
                 loss_sum = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                            labels[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum")
@@ -154,7 +168,8 @@ def main(argv=None) -> int:
         model, tokenizer = build_assistant(cfg)
         cfg.data.require_text = cfg.chat.template == "plain"
         sample_fn = ConversationSample(tokenizer, cfg.chat, int(model.config.image_seq_length))
-        collate = InstructCollate(cfg.packing, cfg.chat.max_length, tokenizer.pad_token_id or 0)
+        collate = InstructCollate(cfg.packing, cfg.pack_length or cfg.chat.max_length, tokenizer.pad_token_id or 0,
+                                  cfg.group_size)
         loader = ShardLoader(cfg.data, rank=d.rank, world_size=d.world_size, sample_fn=sample_fn, collate_fn=collate)
         scales = {"model.vision_tower.": cfg.model.vision_lr_scale} if cfg.model.train_vision else None
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -166,44 +166,37 @@ def fit_length(ids: list[int], labels: list[int], cfg: ChatConfig, image_id: int
 
 
 def pack(examples: list[tuple[list[int], list[int]]], max_len: int) -> list[dict]:
-    """Greedy, order-preserving packing into rows of at most ``max_len`` tokens.
+    """First-fit-decreasing packing into as few rows of at most ``max_len`` tokens as it finds.
 
-    Each row: input_ids (T,), labels (T,), position_ids (T,) restarting per example, seq_lens.
+    Each row: input_ids (T,), labels (T,), position_ids (T,) restarting per example (which is how the
+    attention functions find the examples: vlm/models/varlen.py, flash-attention's varlen path, or
+    transformers' packed mask for eager), seq_lens, and index (which examples, in row order).
     """
-    rows, cur = [], []
-    for ex in examples:
-        if len(ex[0]) > max_len:
-            raise ValueError(f"an example of {len(ex[0])} tokens does not fit a packed row of {max_len}")
-        if cur and sum(len(e[0]) for e in cur) + len(ex[0]) > max_len:
-            rows.append(cur)
-            cur = []
-        cur.append(ex)
-    if cur:
-        rows.append(cur)
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = len(examples[i][0])
+        if n > max_len:
+            raise ValueError(f"an example of {n} tokens does not fit a packed row of {max_len}")
+        j = next((j for j, r in enumerate(room) if r >= n), None)
+        if j is None:
+            rows.append([])
+            room.append(max_len)
+            j = len(rows) - 1
+        rows[j].append(i)
+        room[j] -= n
     out = []
     for row in rows:
+        row.sort()  # the stream's order inside a row
         out.append({
-            "input_ids": torch.tensor([t for ids, _ in row for t in ids]),
-            "labels": torch.tensor([t for _, labs in row for t in labs]),
-            "position_ids": torch.tensor([p for ids, _ in row for p in range(len(ids))]),
-            "seq_lens": [len(ids) for ids, _ in row],
+            "input_ids": torch.tensor([t for i in row for t in examples[i][0]]),
+            "labels": torch.tensor([t for i in row for t in examples[i][1]]),
+            "position_ids": torch.tensor([p for i in row for p in range(len(examples[i][0]))]),
+            "seq_lens": [len(examples[i][0]) for i in row],
+            "index": row,
         })
     return out
-
-
-def packed_causal_mask(seq_lens: list[int], total: Optional[int] = None, dtype=torch.float32) -> torch.Tensor:
-    """(1, 1, T, T) additive mask: causal within each packed example, -inf across examples and padding."""
-    T = total or sum(seq_lens)
-    allowed = torch.zeros(T, T, dtype=torch.bool)
-    start = 0
-    for n in seq_lens:
-        allowed[start:start + n, start:start + n] = torch.ones(n, n, dtype=torch.bool).tril()
-        start += n
-    if start < T:  # padding attends to itself only (no NaN rows)
-        idx = torch.arange(start, T)
-        allowed[idx, idx] = True
-    mask = torch.zeros(T, T, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-    return mask[None, None]
 
 
 def end_of_turn_ids(tokenizer) -> list[int]:

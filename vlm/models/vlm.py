@@ -87,6 +87,9 @@ def build_llava(vision, llm, image_token_id: int, vision_feature_layer: int = -2
                       vision_feature_layer=vision_feature_layer, vision_feature_select_strategy=select_strategy,
                       projector_hidden_act=projector_act)
     cfg.vision_config.model_type = vcfg.model_type
+    # to_dict() drops the attention implementation: carry each tower's over (the LLM's may be sdpa_varlen)
+    cfg._attn_implementation = {"text_config": llm.config._attn_implementation or "sdpa",
+                                "vision_config": vcfg._attn_implementation or "sdpa"}
     model = LlavaForConditionalGeneration(cfg)
     model.model.vision_tower.load_state_dict(vision.state_dict())
     model.model.language_model.load_state_dict(llm.model.state_dict() if hasattr(llm, "model") else llm.state_dict())
@@ -137,9 +140,16 @@ def load_vision_tower(source: str | Path):
 
 
 def build_llm(name_or_path: Optional[str], llm_config: dict, tokenizer, attn_impl: str = "sdpa"):
-    """A causal LM from a hub id / folder (no remote code), or built from a config dict (tiny LLMs)."""
+    """A causal LM from a hub id / folder (no remote code), or built from a config dict (tiny LLMs).
+
+    ``sdpa`` runs as ``sdpa_varlen`` (vlm/models/varlen.py): the same SDPA, plus attention kept inside
+    each conversation of a packed row at the cost of the conversations, not of the row."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if attn_impl == "sdpa":
+        from vlm.models import varlen
+
+        attn_impl = varlen.register()
     if name_or_path:
         llm = AutoModelForCausalLM.from_pretrained(name_or_path, attn_implementation=attn_impl,
                                                    trust_remote_code=False)
