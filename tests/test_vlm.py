@@ -151,3 +151,98 @@ def test_sdpa_eager_logits_and_packed_padded_grouped_losses_agree(clip):
         assert abs(loss - ref_loss) < 1e-5, (key, loss, ref_loss)
         for x, y in zip(grads, ref_grads):
             assert torch.allclose(x, y, atol=1e-5), key
+
+
+def tiny_assistant(clip, projector="mlp2x_gelu"):
+    vision = openclip_vit_to_hf(clip.clip.visual)
+    return build_llava(vision, tiny_llama(100), image_token_id=99, projector=projector).eval()
+
+
+def sample_inputs(model):
+    ids = torch.tensor([[1, 5] + [99] * model.config.image_seq_length + [7, 8, 9]])
+    return {"input_ids": ids, "pixel_values": torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))}
+
+
+@pytest.mark.parametrize("projector", ["linear", "mlp2x_gelu", "mlp3x_gelu"])
+def test_projectors_and_their_transformers_export(clip, projector, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from vlm.models.vlm import stock_projector
+
+    model = tiny_assistant(clip, projector)
+    linears = [m for m in model.model.multi_modal_projector.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == {"linear": 1, "mlp2x_gelu": 2, "mlp3x_gelu": 3}[projector]
+    inputs = sample_inputs(model)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    if projector == "mlp3x_gelu":
+        with pytest.raises(ValueError, match="no stock transformers counterpart"):
+            stock_projector(model)
+        return
+    stock_projector(model)
+    model.save_pretrained(tmp_path / "hf")
+    again = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        assert torch.allclose(again(**inputs).logits, logits, atol=1e-4)
+    with pytest.raises(ValueError, match="mlp<N>x_gelu"):
+        tiny_assistant(clip, "mlp_gelu")
+
+
+@pytest.mark.parametrize("method", ["dora", "rslora", "loha", "lokr"])
+def test_peft_methods_train_only_adapters_and_merge_exactly(clip, method):
+    from train.config import LLM_LORA_TARGET
+    from vlm.models.lora import inject_lora, merge_lora
+
+    model = tiny_assistant(clip)
+    freeze_for_stage(model, 2)
+    base_keys = set(model.state_dict())
+    n = inject_lora(model, "model.language_model.", LLM_LORA_TARGET, r=4, alpha=8, method=method)
+    assert n > 0
+    trainable = [k for k, p in model.named_parameters() if p.requires_grad and k.startswith("model.language_model.")]
+    assert trainable and all(k not in base_keys for k in trainable)  # only the new adapter tensors
+    inputs = sample_inputs(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model.train()
+    for _ in range(2):  # move the adapters away from their identity start
+        model(**inputs).logits.square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        before = model(**inputs).logits
+    assert merge_lora(model) == n
+    assert set(model.state_dict()) == base_keys
+    with torch.no_grad():
+        assert torch.allclose(model(**inputs).logits, before, atol=1e-4)
+
+
+def test_qlora_settings_are_checked_before_anything_loads():
+    from train.config import AssistantModelConfig, LoraConfig
+    from vlm.models.vlm import quantization
+
+    with pytest.raises(ValueError, match="QLoRA"):
+        AssistantModelConfig(vision="v", llm="x", stage=2, llm_quantize="4bit")  # no adapters
+    with pytest.raises(ValueError, match="none, 4bit or 8bit"):
+        AssistantModelConfig(vision="v", llm="x", stage=2, llm_quantize="3bit", lora=LoraConfig(r=8))
+    AssistantModelConfig(vision="v", llm="x", stage=2, llm_quantize="4bit", lora=LoraConfig(r=8))
+    assert quantization("none") == {}
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="bitsandbytes|CUDA GPU"):
+            quantization("4bit")
+
+
+def test_vision_tower_unfreezes_with_its_own_learning_rate(clip):
+    from train.config import OptimConfig
+    from train.optim import build_optimizer
+
+    model = tiny_assistant(clip)
+    freeze_for_stage(model, 2, train_vision=True)
+    assert all(p.requires_grad for p in model.model.vision_tower.parameters())
+    opt = build_optimizer(model, OptimConfig(lr=1e-3), {"model.vision_tower.": 0.1})
+    vision = {id(p) for p in model.model.vision_tower.parameters()}
+    for g in opt.param_groups:
+        in_vision = {id(p) in vision for p in g["params"]}
+        assert len(in_vision) == 1  # a group is all vision tower or none of it
+        assert g["lr"] == pytest.approx(1e-4 if in_vision.pop() else 1e-3)
+    freeze_for_stage(model, 2)
+    assert not any(p.requires_grad for p in model.model.vision_tower.parameters())

@@ -143,7 +143,7 @@ class ClipTask:
 def apply_lora(model: MedCLIP, tower: str, cfg: LoraConfig) -> int:
     """LoRA (peft) on the linears of one tower; returns how many modules got an adapter."""
     return inject_lora(model, model.tower_prefix(tower), cfg.target, cfg.r, cfg.alpha, cfg.dropout,
-                       adapter_name=f"lora_{tower}")
+                       adapter_name=f"lora_{tower}", method=cfg.method)
 
 
 def build_model(cfg: ClipRunConfig) -> MedCLIP:

@@ -19,6 +19,7 @@ class LoraConfig:
     r: int = 0  # 0: off
     alpha: int = 16
     dropout: float = 0.0
+    method: str = "lora"  # lora | dora | rslora | loha | lokr (peft; vlm/models/lora.py)
     target: str = r".*\.(c_fc|c_proj|out_proj|qkv|fc1|fc2|query|key|value|dense)$"  # module-name regex in the tower
 
 
@@ -127,11 +128,13 @@ class AssistantModelConfig:
     tokenizer: Optional[str] = None  # default: the LLM's own
     init_from: Optional[str] = None  # a train.instruct checkpoint to start from (stage 2 after stage 1)
     stage: int = 1  # 1: only the projector trains; 2: projector + LLM (full or LoRA)
+    projector: str = "mlp2x_gelu"  # linear | mlp<N>x_gelu (LLaVA's names; stock transformers export: linear, mlp2x)
     vision_feature_layer: int = -2  # LLaVA reads the penultimate layer ...
     vision_select: str = "default"  # ... without the class token (full: with it)
     train_vision: bool = False  # stage 2: also train the vision tower ...
     vision_lr_scale: float = 0.1  # ... at this fraction of the learning rate
     attn_impl: str = "sdpa"  # sdpa | eager | flash_attention_2
+    llm_quantize: str = "none"  # 4bit | 8bit: load model.llm quantized (bitsandbytes, CUDA); with lora.r > 0: QLoRA
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(target=LLM_LORA_TARGET))  # stage 2 (r > 0: on)
 
     def __post_init__(self):
@@ -139,6 +142,14 @@ class AssistantModelConfig:
             raise ValueError(f"model.stage must be 1 or 2, got {self.stage}")
         if self.vision_select not in ("default", "full"):
             raise ValueError("model.vision_select must be default or full")
+        from vlm.models.vlm import projector_depth
+
+        projector_depth(self.projector)
+        if self.llm_quantize not in ("none", "4bit", "8bit"):
+            raise ValueError(f"model.llm_quantize must be none, 4bit or 8bit, got {self.llm_quantize!r}")
+        if self.llm_quantize != "none" and (self.lora.r <= 0 or not self.llm or self.stage != 2):
+            raise ValueError("model.llm_quantize trains adapters on a frozen quantized LLM (QLoRA): it needs "
+                             "model.stage=2, model.lora.r > 0 and a pretrained model.llm")
         if self.attn_impl not in ("sdpa", "eager", "flash_attention_2"):
             raise ValueError(f"model.attn_impl must be sdpa, eager or flash_attention_2, got {self.attn_impl!r}")
 

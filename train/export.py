@@ -53,6 +53,7 @@ def export_assistant(args) -> Path:
     from train.instruct import build_assistant
     from vlm.checkpoint import list_checkpoints, load_weights_into
     from vlm.models.lora import merge_lora
+    from vlm.models.vlm import stock_projector
 
     p = Path(args.checkpoint)
     if (p / "checkpoints").is_dir():
@@ -65,6 +66,7 @@ def export_assistant(args) -> Path:
     model, tokenizer = build_assistant(cfg)
     load_weights_into(model, load_file(p / "model.safetensors"), str(p / "model.safetensors"))
     merged = merge_lora(model)
+    stock_projector(model)
     model.eval()
     img = cfg.data.image
     vcfg = model.config.vision_config

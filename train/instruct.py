@@ -152,8 +152,10 @@ def build_assistant(cfg: InstructRunConfig):
     if m.stage == 2 and m.lora.r > 0:
         from vlm.models.lora import inject_lora
 
-        n = inject_lora(model, "model.language_model.", m.lora.target, m.lora.r, m.lora.alpha, m.lora.dropout)
-        log.info("LoRA r=%d on %d LLM linears", m.lora.r, n)
+        n = inject_lora(model, "model.language_model.", m.lora.target, m.lora.r, m.lora.alpha, m.lora.dropout,
+                        method=m.lora.method)
+        log.info("%s r=%d on %d LLM linears%s", m.lora.method, m.lora.r, n,
+                 f" (LLM in {m.llm_quantize}: QLoRA)" if m.llm_quantize != "none" else "")
     return model, tokenizer
 
 

@@ -235,7 +235,7 @@ def load_clip(path: str | Path, use_ema: bool = False) -> tuple[MedCLIP, dict]:
             for tower, c in lora.items():
                 if c.get("r", 0) > 0:
                     inject_lora(model, model.tower_prefix(tower), c["target"], c["r"], c["alpha"], 0.0,
-                                adapter_name=f"lora_{tower}")
+                                adapter_name=f"lora_{tower}", method=c.get("method", "lora"))
             load_weights_into(model, load_file(p / fname), str(p / fname))
             from vlm.models.lora import merge_lora
 

@@ -1,9 +1,16 @@
-"""LoRA (and other peft adapters) injected into plain modules, and merged back for export.
+"""Parameter-efficient adapters (peft) injected into plain modules, and merged back for export.
 
-``inject_lora`` wraps the nn.Linear layers whose qualified names match a regex under a prefix
-(peft's ``inject_adapter_in_model``; the model stays our class, not a PeftModel), and marks only
-the adapters trainable within that tower. ``merge_lora`` folds every adapter into its base weight
-and puts the plain nn.Linear back, so the state dict is the original architecture's again.
+``inject_lora`` wraps the nn.Linear layers whose qualified names match a regex under a prefix with
+one of peft's adapters (``inject_adapter_in_model``; the model stays our class, not a PeftModel) and
+marks only the new adapter parameters trainable within that tower. Methods (``method``):
+
+    lora     LoRA (Hu et al.)                      dora   weight-decomposed LoRA (peft use_dora)
+    rslora   LoRA with rank-stabilised scaling      loha   low-rank Hadamard product (LyCORIS)
+    lokr     low-rank Kronecker product (LyCORIS)
+
+QLoRA is LoRA on an LLM loaded in 4 bit (``model.llm_quantize`` in train.instruct). ``merge_lora``
+folds every adapter into its base weight and puts the plain nn.Linear back, so the state dict is the
+original architecture's again.
 """
 from __future__ import annotations
 
@@ -11,30 +18,45 @@ import re
 
 import torch.nn as nn
 
+METHODS = ("lora", "dora", "rslora", "loha", "lokr")
+
+
+def peft_config(method: str, targets: list[str], r: int, alpha: int, dropout: float):
+    import peft
+
+    if method in ("lora", "dora", "rslora"):
+        return peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                               use_dora=method == "dora", use_rslora=method == "rslora")
+    if method == "loha":
+        return peft.LoHaConfig(r=r, alpha=alpha, module_dropout=dropout, target_modules=targets)
+    if method == "lokr":
+        return peft.LoKrConfig(r=r, alpha=alpha, module_dropout=dropout, target_modules=targets)
+    raise ValueError(f"unknown adapter method {method!r}; choose from {', '.join(METHODS)}")
+
 
 def inject_lora(model: nn.Module, prefix: str, pattern: str, r: int, alpha: int, dropout: float = 0.0,
-                adapter_name: str = "default") -> int:
-    from peft import LoraConfig, inject_adapter_in_model
+                adapter_name: str = "default", method: str = "lora") -> int:
+    from peft import inject_adapter_in_model
 
     rx = re.compile(pattern)
     targets = [n for n, m in model.named_modules() if n.startswith(prefix) and isinstance(m, nn.Linear) and rx.match(n)]
     if not targets:
-        raise ValueError(f"LoRA target {pattern!r} matched no nn.Linear under {prefix!r}")
-    inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets),
-                            model, adapter_name=adapter_name)
-    for n, p in model.named_parameters():  # within the tower only the adapters train
+        raise ValueError(f"adapter target {pattern!r} matched no nn.Linear under {prefix!r}")
+    before = {id(p) for p in model.parameters()}
+    inject_adapter_in_model(peft_config(method, targets, r, alpha, dropout), model, adapter_name=adapter_name)
+    for n, p in model.named_parameters():  # within the tower only the new adapter parameters train
         if n.startswith(prefix):
-            p.requires_grad = "lora_" in n
+            p.requires_grad = id(p) not in before
     return len(targets)
 
 
 def merge_lora(model: nn.Module) -> int:
-    """Merge every LoRA layer into its base layer and restore the plain modules; returns how many."""
-    from peft.tuners.lora import LoraLayer
+    """Merge every adapter layer into its base layer and restore the plain modules; returns how many."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
     merged = 0
     for name, module in list(model.named_modules()):
-        if isinstance(module, LoraLayer):
+        if isinstance(module, BaseTunerLayer):
             module.merge()
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model

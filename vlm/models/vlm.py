@@ -12,6 +12,7 @@ open_clip ViT from a train.clip run, converted weight for weight to ``CLIPVision
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -74,27 +75,87 @@ def openclip_vit_to_hf(visual: nn.Module):
     return hf.eval()
 
 
+def projector_depth(name: str) -> int:
+    """``linear`` -> 1, ``mlp<N>x_gelu`` -> N (LLaVA's names)."""
+    m = re.fullmatch(r"mlp(\d+)x_gelu", name)
+    if name == "linear" or (m and int(m.group(1)) >= 1):
+        return 1 if name == "linear" else int(m.group(1))
+    raise ValueError(f"model.projector must be linear or mlp<N>x_gelu (e.g. mlp2x_gelu), got {name!r}")
+
+
+class MLPProjector(nn.Module):
+    """linear_1 -> (GELU -> linear_k) ..., LLaVA's mlp<N>x_gelu for N != 2 (linear: N = 1)."""
+
+    def __init__(self, d_in: int, d_out: int, depth: int, bias: bool = True):
+        super().__init__()
+        self.depth = depth
+        for k in range(1, depth + 1):
+            setattr(self, f"linear_{k}", nn.Linear(d_in if k == 1 else d_out, d_out, bias=bias))
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        x = self.linear_1(x)
+        for k in range(2, self.depth + 1):
+            x = getattr(self, f"linear_{k}")(self.act(x))
+        return x
+
+
 def build_llava(vision, llm, image_token_id: int, vision_feature_layer: int = -2,
-                select_strategy: str = "default", projector_act: str = "gelu"):
-    """A LlavaForConditionalGeneration from a transformers vision model and a causal LM (modules),
-    with a fresh 2-layer GELU projector (LLaVA-1.5's mlp2x_gelu)."""
+                select_strategy: str = "default", projector: str = "mlp2x_gelu"):
+    """A LlavaForConditionalGeneration around a transformers vision model and a causal LM (the modules
+    themselves: nothing is copied, so a 7B or a quantized LLM is held once), with a fresh projector
+    (``mlp2x_gelu``, LLaVA-1.5's, is the stock one; others: ``MLPProjector``)."""
+    import torch
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
+    depth = projector_depth(projector)
     vcfg = vision.config
     grid = vcfg.image_size // vcfg.patch_size
     cfg = LlavaConfig(vision_config=vcfg.to_dict(), text_config=llm.config.to_dict(), image_token_index=image_token_id,
                       image_seq_length=grid * grid + (1 if select_strategy == "full" else 0),
                       vision_feature_layer=vision_feature_layer, vision_feature_select_strategy=select_strategy,
-                      projector_hidden_act=projector_act)
+                      projector_hidden_act="gelu")
     cfg.vision_config.model_type = vcfg.model_type
-    # to_dict() drops the attention implementation: carry each tower's over (the LLM's may be sdpa_varlen)
-    cfg._attn_implementation = {"text_config": llm.config._attn_implementation or "sdpa",
-                                "vision_config": vcfg._attn_implementation or "sdpa"}
-    model = LlavaForConditionalGeneration(cfg)
-    model.model.vision_tower.load_state_dict(vision.state_dict())
-    model.model.language_model.load_state_dict(llm.model.state_dict() if hasattr(llm, "model") else llm.state_dict())
-    model.lm_head.load_state_dict(llm.lm_head.state_dict())
+    with torch.device("meta"):  # only the skeleton: the towers are the modules passed in
+        model = LlavaForConditionalGeneration(cfg)
+    model.model.vision_tower = vision
+    model.model.language_model = llm.get_decoder()
+    model.lm_head = llm.lm_head
+    model.config.vision_config, model.config.text_config = vcfg, llm.config  # one config object per tower
+    if depth == 2:
+        from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+        model.model.multi_modal_projector = LlavaMultiModalProjector(cfg)
+    else:
+        model.model.multi_modal_projector = MLPProjector(vcfg.hidden_size, llm.config.hidden_size, depth)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"LLaVA assembly left tensors unset: {left[:5]}")
     return model
+
+
+def stock_projector(model) -> None:
+    """Make the projector the stock 2-layer one before a transformers export: ``linear`` becomes
+    linear_1 + identity activation + an identity linear_2 (the same function); deeper MLPs have no
+    stock counterpart (a clear error)."""
+    import torch
+
+    proj = model.model.multi_modal_projector
+    if not isinstance(proj, MLPProjector):
+        return
+    if proj.depth != 1:
+        raise ValueError(f"projector mlp{proj.depth}x_gelu has no stock transformers counterpart "
+                         "(LlavaForConditionalGeneration's projector has 2 layers); evaluate the train.instruct "
+                         "checkpoint directly, or train with model.projector=linear or mlp2x_gelu to export")
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    model.config.projector_hidden_act = "linear"
+    stock = LlavaMultiModalProjector(model.config).to(proj.linear_1.weight)
+    with torch.no_grad():
+        stock.linear_1.load_state_dict(proj.linear_1.state_dict())
+        stock.linear_2.weight.copy_(torch.eye(stock.linear_2.weight.shape[0]))
+        stock.linear_2.bias.zero_()
+    model.model.multi_modal_projector = stock
 
 
 def image_seq_length(model) -> int:
@@ -107,11 +168,9 @@ def freeze_for_stage(model, stage: int, train_vision: bool = False) -> None:
         p.requires_grad = False
     for p in model.model.multi_modal_projector.parameters():
         p.requires_grad = True
-    if stage >= 2:
-        for p in model.model.language_model.parameters():
-            p.requires_grad = True
-        for p in model.lm_head.parameters():
-            p.requires_grad = True
+    if stage >= 2:  # (a quantized LLM's integer weights stay frozen: its adapters train)
+        for p in [*model.model.language_model.parameters(), *model.lm_head.parameters()]:
+            p.requires_grad = p.is_floating_point()
         if train_vision:
             for p in model.model.vision_tower.parameters():
                 p.requires_grad = True
@@ -139,7 +198,8 @@ def load_vision_tower(source: str | Path):
                      "train.clip run with an open_clip ViT)")
 
 
-def build_llm(name_or_path: Optional[str], llm_config: dict, tokenizer, attn_impl: str = "sdpa"):
+def build_llm(name_or_path: Optional[str], llm_config: dict, tokenizer, attn_impl: str = "sdpa",
+              quantize: str = "none"):
     """A causal LM from a hub id / folder (no remote code), or built from a config dict (tiny LLMs).
 
     ``sdpa`` runs as ``sdpa_varlen`` (vlm/models/varlen.py): the same SDPA, plus attention kept inside
@@ -152,7 +212,7 @@ def build_llm(name_or_path: Optional[str], llm_config: dict, tokenizer, attn_imp
         attn_impl = varlen.register()
     if name_or_path:
         llm = AutoModelForCausalLM.from_pretrained(name_or_path, attn_implementation=attn_impl,
-                                                   trust_remote_code=False)
+                                                   trust_remote_code=False, **quantization(quantize))
     else:
         cfg = dict(llm_config)
         kind = cfg.pop("model_type", None)
@@ -166,6 +226,28 @@ def build_llm(name_or_path: Optional[str], llm_config: dict, tokenizer, attn_imp
     if len(tokenizer) > llm.get_input_embeddings().num_embeddings:
         llm.resize_token_embeddings(len(tokenizer))
     return llm
+
+
+def quantization(mode: str) -> dict:
+    """from_pretrained kwargs for a 4/8-bit LLM (QLoRA), or a clear error where it cannot run."""
+    if mode == "none":
+        return {}
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(f"model.llm_quantize={mode} needs bitsandbytes (pip install bitsandbytes)")
+    if not torch.cuda.is_available():
+        raise ValueError(f"model.llm_quantize={mode} needs a CUDA GPU (bitsandbytes' quantized layers)")
+    from transformers import BitsAndBytesConfig
+
+    if mode == "4bit":  # QLoRA's recipe: NF4, double quantization, bf16 compute
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    else:
+        q = BitsAndBytesConfig(load_in_8bit=True)
+    return {"quantization_config": q}
 
 
 def assistant_from_config(model_cfg: dict, image_token: str = "<image>"):
@@ -183,12 +265,14 @@ def assistant_from_config(model_cfg: dict, image_token: str = "<image>"):
     tokenizer = AutoTokenizer.from_pretrained(tok_source, trust_remote_code=False)
     vision = load_vision_tower(model_cfg["vision"])
     llm = build_llm(model_cfg.get("llm"), model_cfg.get("llm_config") or {}, tokenizer,
-                    model_cfg.get("attn_impl", "sdpa"))
+                    model_cfg.get("attn_impl", "sdpa"), model_cfg.get("llm_quantize", "none"))
     model = build_llava(vision, llm, tokenizer.convert_tokens_to_ids(image_token),
-                        model_cfg.get("vision_feature_layer", -2), model_cfg.get("vision_select", "default"))
+                        model_cfg.get("vision_feature_layer", -2), model_cfg.get("vision_select", "default"),
+                        model_cfg.get("projector", "mlp2x_gelu"))
     lora = model_cfg.get("lora") or {}
     if model_cfg.get("stage", 1) == 2 and lora.get("r", 0) > 0:
-        inject_lora(model, "model.language_model.", lora["target"], lora["r"], lora["alpha"], lora.get("dropout", 0.0))
+        inject_lora(model, "model.language_model.", lora["target"], lora["r"], lora["alpha"], lora.get("dropout", 0.0),
+                    method=lora.get("method", "lora"))
     return model, tokenizer
 
 
