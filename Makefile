@@ -11,6 +11,10 @@ STAMP  := $(VENV)/.installed
 
 DEMO   := runs/demo
 DATA   := data/demo
+# the demo's stage configs and corpus size (tests/test_demo.py runs DEMO_CONFIGS=configs/demo/tiny)
+DEMO_CONFIGS ?= configs/demo
+SYNTH_TRAIN  ?= 8000
+SYNTH_TEST   ?= 400
 STAGES := $(DEMO)/.stages
 LOGS   := $(DEMO)/logs
 
@@ -38,23 +42,30 @@ ifeq ($(FRESH),1)
 _fresh := $(shell rm -rf $(DEMO) $(DATA))
 endif
 
-# $(call stage,name,command)
+DEMO_STAGES := synth shards inspect clip zeroshot export_clip tokenizer stage1 stage2 eval export_vlm ask summary
+MODALITY_LABELS := chest x-ray,head CT,brain MRI,histopathology slide,fundus photograph
+QUESTION_IMAGE = $$(ls $(DATA)/synth/eval/zeroshot/modality/chest_xray/*.png | head -n 1)
+
+# $(call stage,name,command): numbered progress line, output to the stage's log, the stage's seconds
+# in its stamp (summed into summary.json), and on failure the stage, its log and the log's tail.
 define stage
 	@mkdir -p $(STAGES) $(LOGS)
-	@echo "[demo] $(1) ..."
-	@start=$$(date +%s); \
+	@n=$$(echo "$(DEMO_STAGES)" | tr ' ' '\n' | grep -n -x "$(1)" | cut -d: -f1); \
+	echo "[demo] ($$n/$(words $(DEMO_STAGES))) $(1) ... (log: $(LOGS)/$(1).log)"; \
+	start=$$(date +%s); \
 	if ( $(2) ) > $(LOGS)/$(1).log 2>&1; then \
-		echo "[demo] $(1) done in $$(( $$(date +%s) - start ))s"; touch $(STAGES)/$(1); \
+		echo "[demo] $(1) done in $$(( $$(date +%s) - start ))s"; echo $$(( $$(date +%s) - start )) > $(STAGES)/$(1); \
 	else \
 		echo "[demo] stage '$(1)' FAILED; see $(LOGS)/$(1).log:"; tail -n 15 $(LOGS)/$(1).log; exit 1; \
 	fi
 endef
 
-demo: $(STAMP) $(STAGES)/export_clip $(STAGES)/export_vlm
-	@echo "[demo] finished: corpus in $(DATA), runs and logs in $(DEMO)"
+demo: $(STAMP) $(STAGES)/summary
+	@echo "[demo] finished ($$($(PY) -c "import json; print(json.load(open('$(DEMO)/summary.json'))['seconds'])")s of stages): corpus in $(DATA), runs and logs in $(DEMO)"
+	@echo "[demo] summary: $(DEMO)/summary.json, report: $(DEMO)/README.md"
 
 $(STAGES)/synth: | $(STAMP)
-	$(call stage,synth,$(PY) -m data_prep.synth --out $(DATA)/synth --num-train 8000 --num-test 400 --image-size 64 --overwrite)
+	$(call stage,synth,$(PY) -m data_prep.synth --out $(DATA)/synth --num-train $(SYNTH_TRAIN) --num-test $(SYNTH_TEST) --image-size 64 --overwrite)
 
 $(STAGES)/shards: $(STAGES)/synth
 	$(call stage,shards,\
@@ -71,7 +82,7 @@ $(STAGES)/inspect: $(STAGES)/shards
 	  $(PY) -m data_prep.stream --config configs/data/demo.yaml sources.0.path=$(DATA)/synth/pretrain)
 
 $(STAGES)/clip: $(STAGES)/inspect
-	$(call stage,clip,$(PY) -m train.clip --config configs/clip/demo.yaml train.resume=latest train.progress=false)
+	$(call stage,clip,$(PY) -m train.clip --config $(DEMO_CONFIGS)/clip.yaml)
 
 $(STAGES)/zeroshot: $(STAGES)/clip
 	$(call stage,zeroshot,\
@@ -89,27 +100,39 @@ $(STAGES)/tokenizer: $(STAGES)/synth
 	$(call stage,tokenizer,$(PY) -m data_prep.tokenizer --shards $(DATA)/synth/instruct $(DATA)/synth/pretrain --out $(DATA)/tokenizer)
 
 $(STAGES)/stage1: $(STAGES)/clip $(STAGES)/tokenizer
-	$(call stage,stage1,$(PY) -m train.instruct --config configs/instruct/demo_stage1.yaml train.resume=latest train.progress=false)
+	$(call stage,stage1,$(PY) -m train.instruct --config $(DEMO_CONFIGS)/stage1.yaml)
 
 $(STAGES)/stage2: $(STAGES)/stage1
-	$(call stage,stage2,$(PY) -m train.instruct --config configs/instruct/demo_stage2.yaml train.resume=latest train.progress=false)
+	$(call stage,stage2,$(PY) -m train.instruct --config $(DEMO_CONFIGS)/stage2.yaml)
 
-$(STAGES)/vqa: $(STAGES)/stage2
-	$(call stage,vqa,\
-	  $(PY) -m eval.vqa generate --checkpoint $(DEMO)/stage2 --benchmark slake --data-root $(DATA)/synth/eval/slake \
-	    --out $(DEMO)/vqa_predictions.jsonl --batch-size 32 && \
-	  $(PY) -m eval.vqa score --benchmark slake --data-root $(DATA)/synth/eval/slake \
-	    --predictions $(DEMO)/vqa_predictions.jsonl --out $(DEMO)/vqa.json)
-
-$(STAGES)/report: $(STAGES)/stage2
-	$(call stage,report,\
-	  $(PY) -m eval.report generate --checkpoint $(DEMO)/stage2 --benchmark iu_xray \
-	    --annotation $(DATA)/synth/eval/iu_xray/annotation.json --out $(DEMO)/report_predictions.jsonl && \
+$(STAGES)/eval: $(STAGES)/stage2
+	$(call stage,eval,\
+	  $(PY) -m eval.suite --config $(DEMO_CONFIGS)/suite.yaml && \
 	  $(PY) -m eval.report score --benchmark iu_xray --annotation $(DATA)/synth/eval/iu_xray/annotation.json \
-	    --predictions $(DEMO)/report_predictions.jsonl --out $(DEMO)/report.json)
+	    --constant "No acute abnormality." --out $(DEMO)/suite/iu_xray_constant.json)
 
-$(STAGES)/export_vlm: $(STAGES)/vqa $(STAGES)/report
+$(STAGES)/export_vlm: $(STAGES)/eval
 	$(call stage,export_vlm,$(PY) -m train.export --checkpoint $(DEMO)/stage2 --to transformers --out $(DEMO)/exports/transformers)
+
+$(STAGES)/ask: $(STAGES)/export_clip $(STAGES)/export_vlm
+	$(call stage,ask,\
+	  $(PY) -m eval.ask --model $(DEMO)/exports/open_clip --image $(QUESTION_IMAGE) \
+	    --labels "$(MODALITY_LABELS)" \
+	    --out $(DEMO)/ask_open_clip.json && \
+	  $(PY) -m eval.ask --model $(DEMO)/exports/transformers --image $(QUESTION_IMAGE) \
+	    --question "What imaging modality is this?" --out $(DEMO)/ask_transformers.json)
+
+$(STAGES)/summary: $(STAGES)/ask
+	$(call stage,summary,\
+	  $(PY) -m eval.summary --out $(DEMO) --title "make demo: a medical VLM on the synthetic corpus" \
+	    --zeroshot modality=$(DEMO)/zeroshot_modality.json --zeroshot finding=$(DEMO)/zeroshot_finding.json \
+	    --retrieval $(DEMO)/retrieval.json --suite $(DEMO)/suite/summary.json \
+	    --report-baseline $(DEMO)/suite/iu_xray_constant.json \
+	    --export open_clip=$(DEMO)/exports/open_clip --export transformers=$(DEMO)/exports/transformers \
+	    --ask $(DEMO)/ask_open_clip.json --ask $(DEMO)/ask_transformers.json \
+	    --curves clip=$(DEMO)/clip/metrics.jsonl --curves stage1=$(DEMO)/stage1/metrics.jsonl \
+	    --curves stage2=$(DEMO)/stage2/metrics.jsonl --confusion $(DEMO)/zeroshot_finding_confusion.png \
+	    --stage-times $(STAGES))
 
 clean-demo:
 	rm -rf $(DEMO) $(DATA)

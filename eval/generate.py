@@ -67,34 +67,47 @@ def _pixels(image, transform) -> torch.Tensor:
         return transform.from_bytes(f.read())
 
 
+def _read_jsonl(path, id_key: str) -> dict[str, dict]:
+    import json
+
+    done: dict[str, dict] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                done[str(rec[id_key])] = rec
+    return done
+
+
 def answer_file(model, tokenizer, image: dict, items: list[tuple], out, id_key: str, batch_size: int = 16,
                 max_new_tokens: int = 64, desc: str = "generate") -> int:
     """Answer ``items`` = [(id, prompt text without the image token, image path or bytes)] into the JSONL
-    ``out`` ({id_key: id, "text": answer}), batched. Resumable: ids already in ``out`` are skipped;
-    answers are appended batch by batch, and the file is finally rewritten in item order (atomically).
-    Returns how many were generated now."""
+    ``out`` ({id_key: id, "text": answer}), batched. Resumable: ids already in ``out`` are skipped.
+
+    Under torchrun each rank answers items rank, rank + W, ... into ``out``.part<rank> (appended batch by
+    batch, so a killed run resumes per rank); rank 0 then merges everything into ``out`` in item order
+    (atomically) and removes the parts. Returns how many this rank generated now."""
     import json
     from pathlib import Path
 
+    import torch.distributed as dist
     from tqdm import tqdm
 
     from vlm.data.transforms import ImageConfig, MedicalImageTransform
     from vlm.utils import atomic_write_text
 
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     out = Path(out)
-    done: dict[str, dict] = {}
-    if out.is_file():
-        for line in out.read_text().splitlines():
-            if line.strip():
-                rec = json.loads(line)
-                done[str(rec[id_key])] = rec
-    todo = [it for it in items if str(it[0]) not in done]
+    part = out.with_name(f"{out.name}.part{rank}") if world > 1 else out
+    done = _read_jsonl(out, id_key) | _read_jsonl(part, id_key)
+    todo = [it for i, it in enumerate(items) if i % world == rank and str(it[0]) not in done]
     transform = MedicalImageTransform(ImageConfig(size=image["size"], mean=image["mean"], std=image["std"]))
     image_id = tokenizer.convert_tokens_to_ids(image["image_token"])
     n_img = int(model.config.image_seq_length)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a") as f:
-        for s in tqdm(range(0, len(todo), batch_size), desc=desc, unit="batch"):
+    with open(part, "a") as f:
+        for s in tqdm(range(0, len(todo), batch_size), desc=desc, unit="batch", disable=rank != 0):
             chunk = todo[s:s + batch_size]
             requests = []
             for qid, text, img in chunk:
@@ -105,9 +118,17 @@ def answer_file(model, tokenizer, image: dict, items: list[tuple], out, id_key: 
                 requests.append({"input_ids": ids, "pixel_values": _pixels(img, transform)})
             answers = generate(model, tokenizer, requests, batch_size=len(requests), max_new_tokens=max_new_tokens)
             for (qid, _, _), ans in zip(chunk, answers):
-                rec = {id_key: qid, "text": ans}
-                done[str(qid)] = rec
-                f.write(json.dumps(rec) + "\n")
+                f.write(json.dumps({id_key: qid, "text": ans}) + "\n")
             f.flush()
-    atomic_write_text(out, "".join(json.dumps(done[str(it[0])]) + "\n" for it in items))
+    if distributed:
+        dist.barrier()
+    if rank == 0:
+        merged = _read_jsonl(out, id_key)
+        for r in range(world):
+            merged |= _read_jsonl(out.with_name(f"{out.name}.part{r}") if world > 1 else out, id_key)
+        atomic_write_text(out, "".join(json.dumps(merged[str(it[0])]) + "\n" for it in items if str(it[0]) in merged))
+        for r in range(world if world > 1 else 0):
+            out.with_name(f"{out.name}.part{r}").unlink(missing_ok=True)
+    if distributed:
+        dist.barrier()
     return len(todo)

@@ -69,3 +69,22 @@ def recall_png(results: dict, path: str | Path, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def training_curves_png(curves: dict[str, list[tuple[int, float]]], path: str | Path, title: str = "") -> None:
+    """One panel per run: loss against step (metrics.jsonl of train.clip / train.instruct)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.2), squeeze=False)
+    for ax, (name, points) in zip(axes[0], curves.items()):
+        if points:
+            steps, losses = zip(*points)
+            ax.plot(steps, losses, lw=1.2)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

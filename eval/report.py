@@ -2,6 +2,7 @@
 
     python -m eval.report score --benchmark iu_xray --annotation iu_xray/annotation.json --split test \\
         --predictions reports.jsonl --out iu_xray.json
+    python -m eval.report score ... --constant "No acute cardiopulmonary abnormality." --out baseline.json
 
 The annotation is R2Gen's layout ({"train", "val", "test"} of {"id", "report", "image_path"}).
 Predictions: JSONL, one {"id": <the annotation's id>, "text": "..."} a line. By default R2Gen's
@@ -35,12 +36,16 @@ def score(args) -> dict:
     items = bench.load()
     if not items:
         raise ValueError(f"{args.annotation}: split {args.split!r} is empty")
-    preds, missing = read_predictions(args.predictions, "id", [it.id for it in items], args.allow_missing)
+    if getattr(args, "constant", None) is not None:  # a baseline: the same report for every study
+        preds, missing = {it.id: args.constant for it in items}, []
+    else:
+        preds, missing = read_predictions(args.predictions, "id", [it.id for it in items], args.allow_missing)
     raw_refs = {it.id: it.report for it in items}
     raw_preds = {it.id: preds.get(it.id, "") for it in items}
     refs, hyps = prepare(raw_refs, args.text, bench.cleaner), prepare(raw_preds, args.text, bench.cleaner)
     scores, unavailable = lexical_metrics(refs, hyps)
     result = {"benchmark": args.benchmark, "split": args.split, "text_processing": args.text,
+              **({"constant_report": args.constant} if getattr(args, "constant", None) is not None else {}),
               "num_reports": len(items), "num_missing": len(missing), **scores}
     if not args.no_clinical:
         clinical, unavailable_c = clinical_metrics([raw_refs[i] for i in raw_refs], [raw_preds[i] for i in raw_refs])
@@ -59,17 +64,23 @@ def score(args) -> dict:
     return result
 
 
-def generate_reports(args) -> int:
+def generate_reports(args, assistant=None) -> int:
+    """One report per study from its first (frontal) view; sharded over torchrun ranks like eval.vqa."""
     from eval.generate import answer_file
+    from eval.prompts import load_prompts
+    from train.distributed import init_distributed
     from vlm.models.vlm import load_assistant
 
     bench = REPORT_BENCHMARKS[args.benchmark](args.annotation, split=args.split)
     items = bench.load()
-    model, tokenizer, image = load_assistant(args.checkpoint)
-    todo = [(it.id, args.prompt, it.images[0] if it.images else None) for it in items]  # the first (frontal) view
+    prompt = args.prompt or load_prompts(args.benchmark, args.prompts).report
+    d = init_distributed()
+    model, tokenizer, image = assistant or load_assistant(args.checkpoint)
+    model.to(d.device)
+    todo = [(it.id, prompt, it.images[0] if it.images else None) for it in items]
     n = answer_file(model, tokenizer, image, todo, args.out, "id", args.batch_size, args.max_new_tokens,
                     desc=f"{args.benchmark} reports")
-    log.info("%d reports generated now (%d in all) -> %s", n, len(items), args.out)
+    log.info("rank %d: %d reports generated now (%d in all) -> %s", d.rank, n, len(items), args.out)
     return n
 
 
@@ -81,7 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--benchmark", required=True, choices=sorted(REPORT_BENCHMARKS))
     s.add_argument("--annotation", required=True, help="R2Gen's annotation.json")
     s.add_argument("--split", default="test")
-    s.add_argument("--predictions", required=True, help='JSONL of {"id", "text"}')
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--predictions", help='JSONL of {"id", "text"}')
+    src.add_argument("--constant", metavar="TEXT",
+                     help='score one report for every study (a baseline, e.g. "No acute abnormality.")')
     s.add_argument("--out", required=True, help="result JSON (a .reports.csv is written beside it)")
     s.add_argument("--text", default="r2gen", choices=["r2gen", "ptb", "raw"],
                    help="text processing before scoring (default r2gen: R2Gen's cleaning)")
@@ -93,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--annotation", required=True)
     g.add_argument("--split", default="test")
     g.add_argument("--out", required=True, help="predictions JSONL (ids already there are skipped: resumable)")
-    g.add_argument("--prompt", default="Write the radiology report for this chest x-ray.")
+    g.add_argument("--prompt", default=None, help="the instruction (default: the benchmark's report prompt)")
+    g.add_argument("--prompts", default=None, help="prompts YAML (default: configs/eval/prompts.yaml)")
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--max-new-tokens", type=int, default=128)
     return p
@@ -112,7 +127,12 @@ def main(argv=None) -> int:
             print(f"{name}: unavailable: {why}")
         log.info("wrote %s in %.1fs", args.out, r["seconds"])
     elif args.command == "generate":
-        generate_reports(args)
+        from train.distributed import cleanup
+
+        try:
+            generate_reports(args)
+        finally:
+            cleanup()
     return 0
 
 

@@ -1,6 +1,7 @@
 """Medical VQA: score predictions (and, with a trained assistant, generate them).
 
     python -m eval.vqa generate --checkpoint runs/demo/stage2 --benchmark slake --data-root Slake1.0 --out answers.jsonl
+    torchrun --nproc_per_node 8 -m eval.vqa generate ...    (sharded; merged in question order)
     python -m eval.vqa score --benchmark slake --data-root Slake1.0 --predictions answers.jsonl --out slake.json
 
 Benchmarks: vqa_rad (official JSON or HF parquet), slake (official JSON, English by default),
@@ -53,18 +54,24 @@ def score(args) -> dict:
     return result
 
 
-def generate_answers(args) -> int:
+def generate_answers(args, assistant=None) -> int:
+    """Answer the benchmark's questions (sharded over torchrun ranks; see eval.generate.answer_file)."""
     from eval.generate import answer_file
+    from eval.prompts import load_prompts, vqa_prompt
+    from train.distributed import init_distributed
     from vlm.models.vlm import load_assistant
 
     bench = VQA_BENCHMARKS[args.benchmark](args.data_root, split=args.split, lang=args.lang)
     items = bench.load()
-    model, tokenizer, image = load_assistant(args.checkpoint)
-    suffix = " Answer with yes or no." if args.closed_hint else ""
-    todo = [(it.qid, it.question + (suffix if it.answer_type == "CLOSED" else ""), it.image) for it in items]
-    n = answer_file(model, tokenizer, image, todo, args.out, "question_id", args.batch_size, args.max_new_tokens,
-                    desc=f"{args.benchmark} answers")
-    log.info("%d answers generated now (%d in all) -> %s", n, len(items), args.out)
+    prompts = load_prompts(args.benchmark, args.prompts)
+    d = init_distributed()
+    model, tokenizer, image = assistant or load_assistant(args.checkpoint)
+    model.to(d.device)
+    todo = [(it.qid, vqa_prompt(prompts, it.question, it.answer_type, args.closed_options), it.image)
+            for it in items]
+    n = answer_file(model, tokenizer, image, todo, args.out, "question_id", args.batch_size,
+                    args.max_new_tokens, desc=f"{args.benchmark} answers")
+    log.info("rank %d: %d answers generated now (%d questions in all) -> %s", d.rank, n, len(items), args.out)
     return n
 
 
@@ -133,8 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lang", default="en", choices=["en", "zh", "all"])
     g.add_argument("--batch-size", type=int, default=16)
     g.add_argument("--max-new-tokens", type=int, default=32)
-    g.add_argument("--closed-hint", action="store_true",
-                   help="append 'Answer with yes or no.' to closed questions (some papers' prompt; off by default)")
+    g.add_argument("--prompts", default=None, help="prompts YAML (default: configs/eval/prompts.yaml)")
+    g.add_argument("--closed-options", action="store_true",
+                   help="closed questions use the benchmark's closed_options prompt (the options listed, as some "
+                        "papers do; off by default)")
     return p
 
 
@@ -147,7 +156,12 @@ def main(argv=None) -> int:
         print(markdown(r).split("\n### ")[0])
         log.info("wrote %s (+ .questions.csv, .md) in %.2fs", args.out, r["seconds"])
     elif args.command == "generate":
-        generate_answers(args)
+        from train.distributed import cleanup
+
+        try:
+            generate_answers(args)
+        finally:
+            cleanup()
     return 0
 
 

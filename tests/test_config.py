@@ -12,11 +12,15 @@ from vlm.data.shards import DataConfig
 def schema_for(path: Path) -> type:
     """The dataclass a YAML under configs/<kind>/ is validated against (the entry point that reads it)."""
     from train.config import ClipRunConfig, InstructRunConfig
+    from eval.prompts import EvalPrompts
+    from eval.suite import SuiteConfig
     from vlm.zeroshot import PromptConfig
 
     schemas = {"data": DataConfig, "concepts": VocabularyConfig, "clip": ClipRunConfig, "prompts": PromptConfig,
-               "instruct": InstructRunConfig}
+               "instruct": InstructRunConfig, "eval": EvalPrompts, "suite": SuiteConfig}
     kind = Path(path).parent.name
+    if kind in ("demo", "tiny"):  # make demo's stage configs, one of each kind: by file name
+        kind = {"clip": "clip", "stage1": "instruct", "stage2": "instruct", "suite": "suite"}.get(Path(path).stem, kind)
     if kind not in schemas:
         raise ConfigError(f"{path}: no schema for configs/{kind}/ (known: {sorted(schemas)})")
     return schemas[kind]
@@ -85,3 +89,17 @@ def test_missing_config_file(tmp_path):
 def test_schema_for_unknown_folder(tmp_path):
     with pytest.raises(ConfigError, match="no schema"):
         schema_for(Path("configs/whatever/x.yaml"))
+
+
+def test_base_files_merge_underneath(tmp_path):
+    (tmp_path / "a.yaml").write_text("batch_size: 4\nimage:\n  size: 96\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.yaml").write_text("_base_: ../a.yaml\nimage:\n  mean: [0.1, 0.2, 0.3]\n")
+    cfg = load_config(DataConfig, tmp_path / "sub" / "b.yaml", ["batch_size=5"])
+    assert (cfg.batch_size, cfg.image.size, cfg.image.mean) == (5, 96, [0.1, 0.2, 0.3])
+    (tmp_path / "a.yaml").write_text("_base_: sub/b.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(DataConfig, tmp_path / "sub" / "b.yaml")
+    (tmp_path / "c.yaml").write_text("_base_: nope.yaml\n")
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config(DataConfig, tmp_path / "c.yaml")

@@ -237,9 +237,15 @@ def test_vision_tower_unfreezes_with_its_own_learning_rate(clip):
 
     model = tiny_assistant(clip)
     freeze_for_stage(model, 2, train_vision=True)
-    assert all(p.requires_grad for p in model.model.vision_tower.parameters())
+    trainable = {n for n, p in model.model.vision_tower.named_parameters() if p.requires_grad}
+    assert any("layers.0." in n for n in trainable) and any("embeddings" in n for n in trainable)
+    # LLaVA reads the penultimate layer: the last layer and the post-norm would get no gradient
+    assert not any("layers.1." in n or "post_layernorm" in n for n in trainable)
+    inputs = sample_inputs(model)
+    model(**inputs).logits.sum().backward()
+    assert all(p.grad is not None for n, p in model.model.vision_tower.named_parameters() if n in trainable)
     opt = build_optimizer(model, OptimConfig(lr=1e-3), {"model.vision_tower.": 0.1})
-    vision = {id(p) for p in model.model.vision_tower.parameters()}
+    vision = {id(p) for p in model.model.vision_tower.parameters() if p.requires_grad}
     for g in opt.param_groups:
         in_vision = {id(p) in vision for p in g["params"]}
         assert len(in_vision) == 1  # a group is all vision tower or none of it

@@ -7,6 +7,9 @@ the file (litgpt and torchtitan behave the same way). Entry points turn ``Config
 exit code 2 before anything is written.
 
     cfg = load_config(DataConfig, "configs/data/demo.yaml", ["batch_size=64", "shuffle.buffer=500"])
+
+A file may start from other files: ``_base_: ../instruct/demo_stage1.yaml`` (a path relative to the
+file, or a list of them, merged in order) and then sets only what differs.
 """
 from __future__ import annotations
 
@@ -44,6 +47,25 @@ def parse_overrides(overrides: Sequence[str]) -> list[str]:
     return out
 
 
+def _read_yaml(path: Path, chain: tuple = ()) -> dict:
+    """A YAML mapping with its ``_base_`` files merged underneath (relative paths, no cycles)."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}" + (f" (the _base_ of {chain[-1]})" if chain else ""))
+    if path.resolve() in chain:
+        raise ConfigError(f"{path}: _base_ cycle through {' -> '.join(map(str, chain))}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    bases = data.pop("_base_", None) or []
+    merged = OmegaConf.create({})
+    for b in [bases] if isinstance(bases, str) else bases:
+        merged = OmegaConf.merge(merged, _read_yaml(path.parent / b, (*chain, path.resolve())))
+    return OmegaConf.to_container(OmegaConf.merge(merged, OmegaConf.create(data)))
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
     """Build ``cls`` from its defaults, then the YAML file at ``path``, then the overrides."""
     if not dataclasses.is_dataclass(cls):
@@ -54,15 +76,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         if path is not None:
             path = Path(path)
             where = str(path)
-            if not path.is_file():
-                raise ConfigError(f"config file not found: {path}")
-            try:
-                data = yaml.safe_load(path.read_text()) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: not valid YAML: {e}") from None
-            if not isinstance(data, dict):
-                raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
-            base = OmegaConf.merge(base, OmegaConf.create(data))
+            base = OmegaConf.merge(base, OmegaConf.create(_read_yaml(path)))
         for item in parse_overrides(overrides):
             where = f"the command line ({item})"
             key, value = item.split("=", 1)

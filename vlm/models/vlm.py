@@ -162,6 +162,17 @@ def image_seq_length(model) -> int:
     return int(model.config.image_seq_length)
 
 
+def vision_param_used(name: str, config) -> bool:
+    """Whether a vision-tower parameter feeds the features LLaVA reads (``vision_feature_layer``)."""
+    n_layers = config.vision_config.num_hidden_layers
+    layers = config.vision_feature_layer if isinstance(config.vision_feature_layer, list) else [config.vision_feature_layer]
+    upto = max(f if f >= 0 else n_layers + 1 + f for f in layers)  # hidden_states[k] = after k layers
+    m = re.search(r"encoder\.layers\.(\d+)\.", name)
+    if m:
+        return int(m.group(1)) < upto
+    return not any(k in name for k in ("post_layernorm", "head."))
+
+
 def freeze_for_stage(model, stage: int, train_vision: bool = False) -> None:
     """Stage 1: only the projector trains. Stage 2: projector + LLM (+ the vision tower if asked)."""
     for p in model.parameters():
@@ -171,9 +182,9 @@ def freeze_for_stage(model, stage: int, train_vision: bool = False) -> None:
     if stage >= 2:  # (a quantized LLM's integer weights stay frozen: its adapters train)
         for p in [*model.model.language_model.parameters(), *model.lm_head.parameters()]:
             p.requires_grad = p.is_floating_point()
-        if train_vision:
-            for p in model.model.vision_tower.parameters():
-                p.requires_grad = True
+        if train_vision:  # the layers the projector reads; the later ones and the pooling head are unused
+            for name, p in model.model.vision_tower.named_parameters():
+                p.requires_grad = vision_param_used(name, model.config)
 
 
 def load_vision_tower(source: str | Path):

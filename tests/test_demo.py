@@ -1,0 +1,101 @@
+"""`make demo` at test size (DEMO_CONFIGS=configs/demo/tiny, a 240-case corpus): the same Makefile,
+entry points and configs as the real demo, only less work. Checks the summary's keys, the report and
+its images, the exports answering through the stock libraries, resuming, a failing stage's message,
+and (evaluation issue) sharded generation under torchrun merging to the single-process answers."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, free_port
+
+SKIP_AT_ROOT = {".git", ".venv", ".peer-venv", "runs", "data", ".pytest_cache", "medvlm.egg-info"}
+SUMMARY_KEYS = ["zeroshot.modality_accuracy", "zeroshot.finding_accuracy", "retrieval.image_to_text_r1",
+                "vqa.closed_accuracy", "vqa.open_recall", "report.bleu_4", "report.rouge_l", "exports.open_clip",
+                "exports.transformers", "seconds"]
+
+
+def make_demo(root: Path, *extra: str) -> subprocess.CompletedProcess:
+    venv = Path(sys.prefix)  # the virtual environment running the tests (make test's .venv)
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    return subprocess.run(["make", "--no-print-directory", "demo", f"VENV={venv}", "DEMO_CONFIGS=configs/demo/tiny",
+                           "SYNTH_TRAIN=240", "SYNTH_TEST=24", *extra], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=1200)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo") / "repo"
+    shutil.copytree(REPO, root, ignore=lambda d, names: [n for n in names if n == "__pycache__" or (
+        Path(d) == REPO and n in SKIP_AT_ROOT)])
+    r = make_demo(root)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return root, r
+
+
+def get(d: dict, dotted: str):
+    for k in dotted.split("."):
+        d = d[k]
+    return d
+
+
+def test_demo_summary_report_and_exports(demo):
+    root, r = demo
+    assert "(1/13) synth" in r.stdout and "(13/13) summary" in r.stdout
+    s = json.loads((root / "runs/demo/summary.json").read_text())
+    for key in SUMMARY_KEYS:
+        assert get(s, key) is not None, key
+    for name in ("open_clip", "transformers"):
+        assert not Path(s["exports"][name]).is_absolute() and (root / s["exports"][name]).is_dir()
+    assert 0 <= s["vqa"]["closed_accuracy"] <= 1 and 0 <= s["report"]["bleu_4"] <= 1
+    assert s["report"]["baseline_text"] == "No acute abnormality." and "baseline_bleu_4" in s["report"]
+    assert s["seconds"] > 0 and set(s["stage_seconds"]) >= {"clip", "stage2", "eval"}
+    kinds = {a["kind"]: a for a in s["asked"]}
+    assert set(kinds) == {"open_clip", "transformers"}
+    assert kinds["open_clip"]["answer"] in kinds["open_clip"]["labels"]
+    readme = (root / "runs/demo/README.md").read_text()
+    for png in ("training_curves.png", "zeroshot_finding_confusion.png"):
+        assert f"]({png})" in readme and (root / "runs/demo" / png).stat().st_size > 1000
+    suite = json.loads((root / "runs/demo/suite/summary.json").read_text())
+    assert set(suite["benchmarks"]) == {"slake", "iu_xray"}
+    assert "LLaVA-Med" in (root / "runs/demo/suite/summary.md").read_text()  # anchors beside ours
+
+
+def test_demo_resumes_and_names_a_failing_stage(demo):
+    root, _ = demo
+    again = make_demo(root)
+    assert again.returncode == 0 and "[demo] (" not in again.stdout  # nothing to redo
+    (root / "runs/demo/.stages/ask").unlink()
+    bad = make_demo(root, "QUESTION_IMAGE=/nonexistent/image.png")
+    assert bad.returncode != 0
+    assert "stage 'ask' FAILED; see runs/demo/logs/ask.log" in bad.stdout
+    good = make_demo(root)
+    assert good.returncode == 0
+    ran = [line.split(") ")[1].split(" ")[0] for line in good.stdout.splitlines() if line.startswith("[demo] (")]
+    assert ran == ["ask", "summary"]
+
+
+def test_sharded_generation_merges_to_the_single_process_answers(demo):
+    root, _ = demo
+    single = root / "runs/demo/suite/slake_predictions.jsonl"
+    out = root / "runs/sharded.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "eval.vqa", "generate", "--checkpoint", "runs/demo/stage2", "--benchmark", "slake",
+           "--data-root", "data/demo/synth/eval/slake", "--out", str(out), "--batch-size", "32",
+           "--max-new-tokens", "8"]
+    r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert out.read_text() == single.read_text()  # same answers, in question order
+    assert not list(out.parent.glob("sharded.jsonl.part*"))
+    lines = out.read_text().splitlines()
+    out.write_text("\n".join(lines[::2]) + "\n")  # resume: half the answers are kept, the rest regenerated
+    r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert out.read_text() == single.read_text()
