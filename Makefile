@@ -43,7 +43,6 @@ _fresh := $(shell rm -rf $(DEMO) $(DATA))
 endif
 
 DEMO_STAGES := synth shards inspect clip zeroshot export_clip tokenizer stage1 stage2 eval export_vlm ask summary
-MODALITY_LABELS := chest x-ray,head CT,brain MRI,histopathology slide,fundus photograph
 QUESTION_IMAGE = $$(ls $(DATA)/synth/eval/zeroshot/modality/chest_xray/*.png | head -n 1)
 
 # $(call stage,name,command): numbered progress line, output to the stage's log, the stage's seconds
@@ -117,7 +116,7 @@ $(STAGES)/export_vlm: $(STAGES)/eval
 $(STAGES)/ask: $(STAGES)/export_clip $(STAGES)/export_vlm
 	$(call stage,ask,\
 	  $(PY) -m eval.ask --model $(DEMO)/exports/open_clip --image $(QUESTION_IMAGE) \
-	    --labels "$(MODALITY_LABELS)" \
+	    --prompts configs/prompts/synth_modality.yaml \
 	    --out $(DEMO)/ask_open_clip.json && \
 	  $(PY) -m eval.ask --model $(DEMO)/exports/transformers --image $(QUESTION_IMAGE) \
 	    --question "What imaging modality is this?" --out $(DEMO)/ask_transformers.json)

@@ -3,11 +3,12 @@ the check that an export is usable by someone who has never seen this repository
 
     python -m eval.ask --model runs/demo/exports/transformers --image scan.png --question "What modality is this?"
     python -m eval.ask --model runs/demo/exports/open_clip --image scan.png --labels "chest x-ray,head ct,fundus photo"
+    python -m eval.ask --model runs/demo/exports/open_clip --image scan.png --prompts configs/prompts/synth_modality.yaml
 
 A transformers folder (config.json) is loaded with AutoModelForImageTextToText + AutoProcessor and
 answers greedily; an open_clip folder (open_clip_config.json) is loaded with
 open_clip.create_model_from_pretrained('local-dir:...') and ranks the labels zero-shot
-(--template, default "an image of {}"). Prints the answer; --out writes it as JSON.
+(--template, default "an image of {}"), or the classes of a prompt-ensemble file (--prompts). Prints the answer; --out writes it as JSON.
 """
 from __future__ import annotations
 
@@ -34,16 +35,21 @@ def ask_transformers(folder: Path, image, question: str, max_new_tokens: int) ->
     return {"kind": "transformers", "question": question, "answer": answer}
 
 
-def ask_open_clip(folder: Path, image, labels: list[str], template: str) -> dict:
+def ask_open_clip(folder: Path, image, prompts) -> dict:
+    """Zero-shot with the stock model and tokenizer; the class embeddings are the prompt ensemble's
+    averaged text embeddings (vlm.zeroshot.build_classifier calls only encode_text)."""
     import open_clip
     import torch
+
+    from vlm.zeroshot import build_classifier
 
     model, preprocess = open_clip.create_model_from_pretrained(f"local-dir:{folder}")
     tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
     model.eval()
+    labels = list(prompts.classes)
     with torch.no_grad():
         img = model.encode_image(preprocess(image)[None], normalize=True)
-        txt = model.encode_text(tokenizer([template.format(label) for label in labels]), normalize=True)
+        txt = build_classifier(model, tokenizer, prompts, labels)
         probs = (model.logit_scale.exp() * img @ txt.T).softmax(dim=-1)[0]
     order = probs.argsort(descending=True).tolist()
     return {"kind": "open_clip", "labels": labels, "answer": labels[order[0]],
@@ -59,6 +65,7 @@ def main(argv=None) -> int:
     p.add_argument("--question", help="for an assistant (transformers folder)")
     p.add_argument("--labels", help="comma-separated class names, for a CLIP (open_clip folder)")
     p.add_argument("--template", default="an image of {}", help="CLIP prompt template ({} = the label)")
+    p.add_argument("--prompts", help="instead of --labels: a prompt-ensemble YAML (configs/prompts/)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--out", help="also write the answer as JSON here")
     args = p.parse_args(argv)
@@ -70,9 +77,17 @@ def main(argv=None) -> int:
         raise FileNotFoundError(f"--image not found: {image_path}")
     image = Image.open(image_path).convert("RGB")
     if (folder / "open_clip_config.json").is_file():
-        if not args.labels:
-            raise ValueError(f"{folder} is an open_clip model: pass --labels")
-        result = ask_open_clip(folder, image, [x.strip() for x in args.labels.split(",") if x.strip()], args.template)
+        from vlm.config import load_config
+        from vlm.zeroshot import PromptConfig
+
+        if args.prompts:
+            prompts = load_config(PromptConfig, args.prompts)
+        elif args.labels:
+            labels = [x.strip() for x in args.labels.split(",") if x.strip()]
+            prompts = PromptConfig(templates=[args.template.replace("{}", "{c}")], classes={x: [x] for x in labels})
+        else:
+            raise ValueError(f"{folder} is an open_clip model: pass --labels or --prompts")
+        result = ask_open_clip(folder, image, prompts)
     elif (folder / "config.json").is_file():
         if not args.question:
             raise ValueError(f"{folder} is a transformers model: pass --question")

@@ -52,6 +52,27 @@ def generate(model, tokenizer, requests: list[dict], batch_size: int = 16, max_n
     return out
 
 
+def init_distributed():
+    """Generation under torchrun: each rank answers its share (answer_file); gloo on CPUs, NCCL on GPUs."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from vlm.utils import torchrun_env
+
+    d = torchrun_env()
+    if d.enabled and not dist.is_initialized():
+        dist.init_process_group("nccl" if d.device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
+    return d
+
+
+def cleanup() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _as_list(x) -> list:
     if x is None:
         return []

@@ -68,7 +68,7 @@ def generate_reports(args, assistant=None) -> int:
     """One report per study from its first (frontal) view; sharded over torchrun ranks like eval.vqa."""
     from eval.generate import answer_file
     from eval.prompts import load_prompts
-    from train.distributed import init_distributed
+    from eval.generate import init_distributed
     from vlm.models.vlm import load_assistant
 
     bench = REPORT_BENCHMARKS[args.benchmark](args.annotation, split=args.split)
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
             print(f"{name}: unavailable: {why}")
         log.info("wrote %s in %.1fs", args.out, r["seconds"])
     elif args.command == "generate":
-        from train.distributed import cleanup
+        from eval.generate import cleanup
 
         try:
             generate_reports(args)

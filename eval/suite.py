@@ -163,10 +163,11 @@ def summarize(results: dict[str, dict], anchors: list[Anchor], cfg: SuiteConfig)
 
 @cli
 def main(argv=None) -> int:
-    from train.config import parse_run_config
-    from train.distributed import cleanup, init_distributed
+    from eval.generate import cleanup, init_distributed
+    from vlm.config import config_parser, load_config
 
-    cfg = parse_run_config("python -m eval.suite", __doc__, SuiteConfig, argv, "checkpoint=runs/demo/stage2")
+    args = config_parser("python -m eval.suite", __doc__, "checkpoint=runs/demo/stage2").parse_args(argv)
+    cfg = load_config(SuiteConfig, args.config, args.overrides)
     if not cfg.benchmarks:
         raise ValueError("benchmarks: the config lists none")
     setup_logging()

@@ -58,7 +58,7 @@ def generate_answers(args, assistant=None) -> int:
     """Answer the benchmark's questions (sharded over torchrun ranks; see eval.generate.answer_file)."""
     from eval.generate import answer_file
     from eval.prompts import load_prompts, vqa_prompt
-    from train.distributed import init_distributed
+    from eval.generate import init_distributed
     from vlm.models.vlm import load_assistant
 
     bench = VQA_BENCHMARKS[args.benchmark](args.data_root, split=args.split, lang=args.lang)
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
         print(markdown(r).split("\n### ")[0])
         log.info("wrote %s (+ .questions.csv, .md) in %.2fs", args.out, r["seconds"])
     elif args.command == "generate":
-        from train.distributed import cleanup
+        from eval.generate import cleanup
 
         try:
             generate_answers(args)

@@ -64,6 +64,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun(nproc: int, args: list[str], env: dict, cwd=None, tries: int = 3):
+    """``python -m torch.distributed.run --nproc_per_node N ARGS`` on a free port; tried again on a new
+    port when another process took the port between choosing and binding it."""
+    import subprocess
+    import sys
+
+    for _ in range(tries):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                            "--master_port", str(free_port()), *args], env=env, cwd=cwd, capture_output=True, text=True)
+        if r.returncode == 0 or "address already in use" not in (r.stderr + r.stdout).lower():
+            return r
+    return r
+
+
 def stand_in_images(root: Path, names, size=(32, 32), mode="RGB"):
     """Draw a distinct stand-in image for each relative name under root (fixtures ship no images)."""
     for i, name in enumerate(names):

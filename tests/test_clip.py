@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import REPO, free_port
+from conftest import REPO, torchrun
 from vlm.losses import LossConfig, concept_align_loss, contrastive_loss
 from vlm.models.clip import MedCLIP, build_tokenizer
 
@@ -128,9 +128,8 @@ def test_two_process_ddp_equals_one_process(tmp_path, kind):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     script = str(REPO / "tests" / "dist" / "clip_grads.py")
     subprocess.run([sys.executable, script, str(tmp_path / "one.st"), kind], check=True, env=env)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                    str(free_port()), script, str(tmp_path / "two.st"), kind],
-                   check=True, env=env, capture_output=True)
+    r = torchrun(2, [script, str(tmp_path / "two.st"), kind], env)
+    assert r.returncode == 0, r.stderr[-3000:]
     one, two = load_file(tmp_path / "one.st"), load_file(tmp_path / "two.st")
     assert torch.allclose(one["loss"], two["loss"], atol=1e-5), (one["loss"], two["loss"])
     assert set(one) == set(two)
@@ -260,9 +259,7 @@ def test_two_process_step_matches_one_process(tmp_path, parallel):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     script = str(REPO / "tests" / "dist" / "fsdp_step.py")
     subprocess.run([sys.executable, script, str(tmp_path / "one.st"), parallel], check=True, env=env)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(free_port()), script, str(tmp_path / "two.st"), parallel],
-                       env=env, capture_output=True, text=True)
+    r = torchrun(2, [script, str(tmp_path / "two.st"), parallel], env)
     assert r.returncode == 0, r.stderr[-3000:]
     one, two = load_file(tmp_path / "one.st"), load_file(tmp_path / "two.st")
     assert set(one) == set(two)

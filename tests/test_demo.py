@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, free_port
+from conftest import REPO, torchrun
 
 SKIP_AT_ROOT = {".git", ".venv", ".peer-venv", "runs", "data", ".pytest_cache", "medvlm.egg-info"}
 SUMMARY_KEYS = ["zeroshot.modality_accuracy", "zeroshot.finding_accuracy", "retrieval.image_to_text_r1",
@@ -86,16 +86,15 @@ def test_sharded_generation_merges_to_the_single_process_answers(demo):
     single = root / "runs/demo/suite/slake_predictions.jsonl"
     out = root / "runs/sharded.jsonl"
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "eval.vqa", "generate", "--checkpoint", "runs/demo/stage2", "--benchmark", "slake",
+    cmd = ["-m", "eval.vqa", "generate", "--checkpoint", "runs/demo/stage2", "--benchmark", "slake",
            "--data-root", "data/demo/synth/eval/slake", "--out", str(out), "--batch-size", "32",
            "--max-new-tokens", "8"]
-    r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+    r = torchrun(2, cmd, env, cwd=root)
     assert r.returncode == 0, r.stderr[-3000:]
     assert out.read_text() == single.read_text()  # same answers, in question order
     assert not list(out.parent.glob("sharded.jsonl.part*"))
     lines = out.read_text().splitlines()
     out.write_text("\n".join(lines[::2]) + "\n")  # resume: half the answers are kept, the rest regenerated
-    r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+    r = torchrun(2, cmd, env, cwd=root)
     assert r.returncode == 0, r.stderr[-3000:]
     assert out.read_text() == single.read_text()

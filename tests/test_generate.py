@@ -3,7 +3,7 @@ import torch
 
 from eval.generate import generate
 from test_chat import CHATML, make_tokenizer
-from vlm.data.chat import ChatConfig, encode, normalize_conversation
+from vlm.data.chat import normalize_conversation
 from vlm.models.clip import MedCLIP
 from vlm.models.vlm import build_llava, openclip_vit_to_hf
 

@@ -141,17 +141,15 @@ def test_resume_identity_and_transformers_export(assets, synth_dir, tmp_path):
 def test_two_process_instruct_step_matches_one_process(tmp_path, parallel):
     """Stage 2 under DDP / FSDP2 on 2 gloo processes, ranks holding different token counts: same loss
     and same weights after the step as one process with the whole batch."""
-    from conftest import free_port
+    from conftest import torchrun
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     script = str(REPO / "tests" / "dist" / "instruct_step.py")
     subprocess.run([sys.executable, script, str(tmp_path / "one.st"), parallel], check=True, env=env)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(free_port()), script, str(tmp_path / "two.st"), parallel],
-                       env=env, capture_output=True, text=True)
+    r = torchrun(2, [script, str(tmp_path / "two.st"), parallel], env)
     assert r.returncode == 0, r.stderr[-3000:]
     one, two = load_file(tmp_path / "one.st"), load_file(tmp_path / "two.st")
     assert set(one) == set(two)
-    assert torch.allclose(one["loss"], two["loss"], atol=1e-5)
+    assert torch.allclose(one["loss"], two["loss"], atol=1e-5), (one["loss"], two["loss"])
     for k in one:
-        assert torch.allclose(one[k], two[k], atol=1e-5), k
+        assert torch.allclose(one[k], two[k], atol=1e-5, rtol=1e-4), (k, (one[k] - two[k]).abs().max())

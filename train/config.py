@@ -168,13 +168,8 @@ class InstructRunConfig:
 
 
 def parse_run_config(prog: str, doc: str, cls: type, argv=None, example: str = "train.steps=100"):
-    """The entry points' shared command line: --config FILE plus dotted key=value overrides."""
-    import argparse
+    """--config FILE plus dotted key=value overrides -> the run config."""
+    from vlm.config import config_parser, load_config
 
-    from vlm.config import load_config
-
-    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="a run config YAML")
-    p.add_argument("overrides", nargs="*", help=f"dotted key=value overrides, e.g. {example}")
-    args = p.parse_args(argv)
+    args = config_parser(prog, doc, example).parse_args(argv)
     return load_config(cls, args.config, args.overrides)

@@ -7,46 +7,24 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from vlm.utils import Dist, torchrun_env
+
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-
 def init_distributed() -> Dist:
-    rank = int(os.environ.get("RANK", 0))
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+    """torchrun's environment (vlm.utils.torchrun_env) plus the process group when there are ranks."""
+    d = torchrun_env()
+    if d.enabled and not dist.is_initialized():
+        backend = "nccl" if d.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
-        log.info("process group: %s, rank %d of %d", backend, rank, world)
-    return Dist(rank, world, local, device)
+        log.info("process group: %s, rank %d of %d", backend, d.rank, d.world_size)
+    return d
 
 
 def cleanup() -> None:

@@ -100,3 +100,14 @@ def to_dict(cfg: Any) -> dict:
 
 def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def config_parser(prog: str, doc: str, example: str):
+    """The entry points' shared command line: ``--config FILE`` plus dotted ``key=value`` overrides.
+    (Built here, parsed by the entry point: the library never reads argv.)"""
+    import argparse
+
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="a run config YAML")
+    p.add_argument("overrides", nargs="*", help=f"dotted key=value overrides, e.g. {example}")
+    return p
