@@ -4,8 +4,8 @@ Packed rows hold several conversations one after the other; their ``position_ids
 conversation. ``flash_attention_2`` reads those restarts itself (cu_seqlens). For ``sdpa`` the stock
 transformers path builds a dense (T, T) block-diagonal mask and pays attention over the whole row;
 this module registers ``sdpa_varlen``, an attention function that instead regroups the row's tokens
-into one (segments, longest segment) batch and runs causal SDPA on it: cost sum-of-squares of the
-segment lengths, not the row length squared, and the fused causal kernels stay usable.
+into batches of segments of similar length and runs causal SDPA on each: cost close to the sum of
+squares of the segment lengths, not the row length squared, and the fused causal kernels stay usable.
 
 Everything that is not a packed/unpadded training forward (a padding mask, a KV cache, one query
 token) goes to transformers' own SDPA function unchanged, so ``sdpa_varlen`` is ``sdpa`` plus
@@ -34,20 +34,46 @@ def segment_index(position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return seg, off, int(seg[-1]) + 1, int(off.max()) + 1
 
 
+def length_groups(lengths: list[int], ratio: float = 1.5) -> list[list[int]]:
+    """Segment ids grouped by similar length (each group's longest <= ratio x its shortest), so that
+    padding each group to its own longest keeps the attention cost near sum(L^2)."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    groups, start = [], 0
+    for i in range(1, len(order) + 1):
+        if i == len(order) or lengths[order[i]] > ratio * lengths[order[start]]:
+            groups.append(order[start:i])
+            start = i
+    return groups
+
+
 def segment_attention(query, key, value, position_ids, dropout: float = 0.0, scaling=None) -> torch.Tensor:
-    """q (B, H, T, d), k/v (B, Hkv, T, d) -> (B, T, H, d), causal attention inside each segment only."""
+    """q (B, H, T, d), k/v (B, Hkv, T, d) -> (B, T, H, d), causal attention inside each segment only.
+
+    Segments of similar length are batched together (``length_groups``), each group padded at the
+    end to its longest: a padded tail only sees real keys before it (causal), so no mask is needed."""
     B, H, T, D = query.shape
-    seg, off, S, L = segment_index(position_ids.expand(B, -1))
-
-    def regroup(x):
-        h = x.shape[1]
-        flat = x.transpose(1, 2).reshape(B * T, h, x.shape[-1])
-        return flat.new_zeros(S, L, h, x.shape[-1]).index_put((seg, off), flat).transpose(1, 2)
-
-    # padded tail positions of a short segment only see real keys before them (causal), so no mask
-    out = F.scaled_dot_product_attention(regroup(query), regroup(key), regroup(value), dropout_p=dropout,
-                                         is_causal=True, scale=scaling, enable_gqa=key.shape[1] != H)
-    return out.transpose(1, 2)[seg, off].reshape(B, T, H, -1)
+    N = B * T
+    seg, off, S, _ = segment_index(position_ids.expand(B, -1))
+    starts = torch.nonzero(off == 0).flatten()  # flat index of each segment's first token
+    lengths = torch.diff(starts, append=torch.tensor([N], device=starts.device))
+    flat = [torch.cat([x.transpose(1, 2).reshape(N, x.shape[1], x.shape[-1]),
+                       x.new_zeros(1, x.shape[1], x.shape[-1])]) for x in (query, key, value)]  # row N: zeros
+    outs, where = [], []
+    for g in length_groups(lengths.tolist()):
+        g = torch.tensor(g, device=starts.device)
+        n, L = lengths[g], int(lengths[g].max())
+        steps = torch.arange(L, device=starts.device)
+        idx = torch.where(steps < n[:, None], starts[g][:, None] + steps, N)  # (segments, L); N = padding
+        q, k, v = (x[idx].transpose(1, 2) for x in flat)
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling,
+                                           enable_gqa=k.shape[1] != H).transpose(1, 2)  # (segments, L, H, d)
+        valid = idx < N
+        outs.append(o[valid])
+        where.append(idx[valid])
+    where = torch.cat(where)
+    inverse = torch.empty_like(where)
+    inverse[where] = torch.arange(N, device=where.device)
+    return torch.cat(outs)[inverse].reshape(B, T, H, -1)
 
 
 def sdpa_varlen_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
