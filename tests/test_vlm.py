@@ -252,3 +252,21 @@ def test_vision_tower_unfreezes_with_its_own_learning_rate(clip):
         assert g["lr"] == pytest.approx(1e-4 if in_vision.pop() else 1e-3)
     freeze_for_stage(model, 2)
     assert not any(p.requires_grad for p in model.model.vision_tower.parameters())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(clip):
+    from train.instruct import enable_grad_checkpointing
+
+    grads = []
+    for ckpt in (False, True):
+        model = tiny_assistant(clip)
+        freeze_for_stage(model, 2)
+        model.train()
+        if ckpt:
+            enable_grad_checkpointing(model)
+            assert model.model.language_model.is_activation_checkpointing
+        model(**sample_inputs(model), use_cache=False).logits.square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert set(grads[0]) == set(grads[1]) and grads[0]
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n

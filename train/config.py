@@ -134,6 +134,7 @@ class AssistantModelConfig:
     train_vision: bool = False  # stage 2: also train the vision tower ...
     vision_lr_scale: float = 0.1  # ... at this fraction of the learning rate
     attn_impl: str = "sdpa"  # sdpa | eager | flash_attention_2
+    grad_checkpointing: bool = False  # recompute each LLM decoder layer in the backward pass (less memory)
     llm_quantize: str = "none"  # 4bit | 8bit: load model.llm quantized (bitsandbytes, CUDA); with lora.r > 0: QLoRA
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(target=LLM_LORA_TARGET))  # stage 2 (r > 0: on)
 

@@ -126,6 +126,12 @@ class InstructTask:
         pass
 
 
+def enable_grad_checkpointing(model) -> None:
+    """Activation checkpointing of the LLM's decoder layers (transformers' own, non-reentrant: frozen
+    inputs and LoRA need no input gradients)."""
+    model.model.language_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
 def build_assistant(cfg: InstructRunConfig):
     from dataclasses import asdict
 
@@ -149,6 +155,8 @@ def build_assistant(cfg: InstructRunConfig):
             p = list_checkpoints(p / "checkpoints")[-1]
         load_weights_into(model, load_file(p / "model.safetensors"), f"model.init_from={m.init_from}")
     freeze_for_stage(model, m.stage, m.train_vision)
+    if m.grad_checkpointing:
+        enable_grad_checkpointing(model)
     if m.stage == 2 and m.lora.r > 0:
         from vlm.models.lora import inject_lora
 
