@@ -121,7 +121,10 @@ def answer_file(model, tokenizer, image: dict, items: list[tuple], out, id_key: 
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     out = Path(out)
     part = out.with_name(f"{out.name}.part{rank}") if world > 1 else out
-    done = _read_jsonl(out, id_key) | _read_jsonl(part, id_key)
+    parts = sorted(out.parent.glob(f"{out.name}.part*"))  # left by an interrupted run, any world size
+    done = _read_jsonl(out, id_key)
+    for p in parts:
+        done |= _read_jsonl(p, id_key)
     todo = [it for i, it in enumerate(items) if i % world == rank and str(it[0]) not in done]
     transform = MedicalImageTransform(ImageConfig(size=image["size"], mean=image["mean"], std=image["std"]))
     image_id = tokenizer.convert_tokens_to_ids(image["image_token"])
@@ -145,11 +148,12 @@ def answer_file(model, tokenizer, image: dict, items: list[tuple], out, id_key: 
         dist.barrier()
     if rank == 0:
         merged = _read_jsonl(out, id_key)
-        for r in range(world):
-            merged |= _read_jsonl(out.with_name(f"{out.name}.part{r}") if world > 1 else out, id_key)
+        parts = sorted(out.parent.glob(f"{out.name}.part*"))
+        for p in parts:
+            merged |= _read_jsonl(p, id_key)
         atomic_write_text(out, "".join(json.dumps(merged[str(it[0])]) + "\n" for it in items if str(it[0]) in merged))
-        for r in range(world if world > 1 else 0):
-            out.with_name(f"{out.name}.part{r}").unlink(missing_ok=True)
+        for p in parts:
+            p.unlink()
     if distributed:
         dist.barrier()
     return len(todo)
