@@ -58,6 +58,7 @@ class Anchor:
     source: str = "???"
     setting: str = "???"
     protocol: str = "llava_med"  # llava_med | strict | report
+    note: str = ""  # how the numbers were checked
     results: Dict[str, Dict[str, float]] = field(default_factory=dict)
 
 
@@ -153,9 +154,10 @@ def summarize(results: dict[str, dict], anchors: list[Anchor], cfg: SuiteConfig)
         lines += ["### Anchors", "", "Published results on the benchmarks' official test splits: comparable with ours "
                   "only when the data is the official release, scored with the same protocol.", ""]
         for a in used:
-            lines.append(f"- **{a.model}** ({a.setting}; {a.protocol} protocol): {a.source}")
+            lines.append(f"- **{a.model}** ({a.setting}; {a.protocol} protocol): {a.source}"
+                         + (f" ({a.note})" if a.note else ""))
             summary["anchors"].append({"model": a.model, "source": a.source, "setting": a.setting,
-                                       "protocol": a.protocol,
+                                       "protocol": a.protocol, "note": a.note,
                                        "results": {n: dict(v) for n, v in a.results.items() if n in results}})
         lines.append("")
     return summary, "\n".join(lines)
