@@ -49,3 +49,24 @@ def test_summary_sets_ours_beside_the_anchors():
     assert "| Paper model | llava_med | 85.0 | 80.0 |" in md
     assert "| **ours** | iu_xray | 0.300 | 0.100 | n/a | 0.300 | 0.200 |" in md
     assert "X et al., arXiv:0000.00000, Table 1" in md
+
+
+def test_run_summary_names_bad_inputs_and_sums_stage_times(tmp_path):
+    import json
+
+    from eval.summary import main as summary_main
+
+    zs = {"accuracy": 0.9, "balanced_accuracy": 0.85, "num_classes": 3, "num_images": 30}
+    (tmp_path / "zs.json").write_text(json.dumps(zs))
+    (tmp_path / "stages").mkdir()
+    for name, secs in (("clip", "12"), ("eval", "3")):
+        (tmp_path / "stages" / name).write_text(secs + "\n")
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps({"step": i, "loss": 2.0 / i}) + "\n" for i in range(1, 5)))
+    out = tmp_path / "out"
+    assert summary_main(["--out", str(out), "--zeroshot", f"modality={tmp_path / 'zs.json'}",
+                         "--curves", f"clip={tmp_path / 'm.jsonl'}", "--stage-times", str(tmp_path / "stages")]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["zeroshot"]["modality_accuracy"] == 0.9 and s["seconds"] == 15.0
+    assert (out / "training_curves.png").stat().st_size > 1000 and "training_curves.png" in (out / "README.md").read_text()
+    assert summary_main(["--out", str(out), "--zeroshot", f"finding={tmp_path / 'missing.json'}"]) == 2
+    assert summary_main(["--out", str(out), "--export", "no_equals_sign"]) == 2
