@@ -20,18 +20,14 @@ import torch.nn.functional as F
 NAME = "sdpa_varlen"
 
 
-def segment_index(position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """position_ids (B, T) -> (segment of each flat token, offset inside it, segment count, longest).
+def segment_starts(position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """position_ids (B, T) -> (flat index of each segment's first token, each segment's length).
 
     A segment starts at every row start and wherever a position is not the previous one + 1."""
-    B, T = position_ids.shape
     start = torch.ones_like(position_ids, dtype=torch.bool)
     start[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-    start = start.reshape(-1)
-    seg = start.cumsum(0) - 1
-    idx = torch.arange(B * T, device=position_ids.device)
-    off = idx - idx[start][seg]
-    return seg, off, int(seg[-1]) + 1, int(off.max()) + 1
+    starts = torch.nonzero(start.reshape(-1)).flatten()
+    return starts, torch.diff(starts, append=torch.tensor([start.numel()], device=starts.device))
 
 
 def length_groups(lengths: list[int], ratio: float = 1.5) -> list[list[int]]:
@@ -53,9 +49,7 @@ def segment_attention(query, key, value, position_ids, dropout: float = 0.0, sca
     end to its longest: a padded tail only sees real keys before it (causal), so no mask is needed."""
     B, H, T, D = query.shape
     N = B * T
-    seg, off, S, _ = segment_index(position_ids.expand(B, -1))
-    starts = torch.nonzero(off == 0).flatten()  # flat index of each segment's first token
-    lengths = torch.diff(starts, append=torch.tensor([N], device=starts.device))
+    starts, lengths = segment_starts(position_ids.expand(B, -1))
     flat = [torch.cat([x.transpose(1, 2).reshape(N, x.shape[1], x.shape[-1]),
                        x.new_zeros(1, x.shape[1], x.shape[-1])]) for x in (query, key, value)]  # row N: zeros
     outs, where = [], []
