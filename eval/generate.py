@@ -66,6 +66,26 @@ def init_distributed():
     return d
 
 
+def answer_with(checkpoint, assistant, items: list[tuple], out, id_key: str, batch_size: int,
+                max_new_tokens: int, desc: str) -> tuple[int, int]:
+    """The generate commands' shared path: join torchrun's ranks (if any), load the assistant unless one
+    is given (eval.suite loads it once), and answer ``items`` with ``answer_file``. -> (generated now, rank)."""
+    from vlm.models.vlm import load_assistant
+
+    d = init_distributed()
+    model, tokenizer, image = assistant or load_assistant(checkpoint)
+    model.to(d.device)
+    return answer_file(model, tokenizer, image, items, out, id_key, batch_size, max_new_tokens, desc), d.rank
+
+
+def run_and_cleanup(fn, *args) -> None:
+    """Run a generate command, then tear down the process group it may have started."""
+    try:
+        fn(*args)
+    finally:
+        cleanup()
+
+
 def cleanup() -> None:
     import torch.distributed as dist
 

@@ -66,21 +66,15 @@ def score(args) -> dict:
 
 def generate_reports(args, assistant=None) -> int:
     """One report per study from its first (frontal) view; sharded over torchrun ranks like eval.vqa."""
-    from eval.generate import answer_file
+    from eval.generate import answer_with
     from eval.prompts import load_prompts
-    from eval.generate import init_distributed
-    from vlm.models.vlm import load_assistant
 
-    bench = REPORT_BENCHMARKS[args.benchmark](args.annotation, split=args.split)
-    items = bench.load()
+    items = REPORT_BENCHMARKS[args.benchmark](args.annotation, split=args.split).load()
     prompt = args.prompt or load_prompts(args.benchmark, args.prompts).report
-    d = init_distributed()
-    model, tokenizer, image = assistant or load_assistant(args.checkpoint)
-    model.to(d.device)
     todo = [(it.id, prompt, it.images[0] if it.images else None) for it in items]
-    n = answer_file(model, tokenizer, image, todo, args.out, "id", args.batch_size, args.max_new_tokens,
-                    desc=f"{args.benchmark} reports")
-    log.info("rank %d: %d reports generated now (%d in all) -> %s", d.rank, n, len(items), args.out)
+    n, rank = answer_with(args.checkpoint, assistant, todo, args.out, "id", args.batch_size, args.max_new_tokens,
+                          f"{args.benchmark} reports")
+    log.info("rank %d: %d reports generated now (%d in all) -> %s", rank, n, len(items), args.out)
     return n
 
 
@@ -127,12 +121,9 @@ def main(argv=None) -> int:
             print(f"{name}: unavailable: {why}")
         log.info("wrote %s in %.1fs", args.out, r["seconds"])
     elif args.command == "generate":
-        from eval.generate import cleanup
+        from eval.generate import run_and_cleanup
 
-        try:
-            generate_reports(args)
-        finally:
-            cleanup()
+        run_and_cleanup(generate_reports, args)
     return 0
 
 

@@ -56,22 +56,16 @@ def score(args) -> dict:
 
 def generate_answers(args, assistant=None) -> int:
     """Answer the benchmark's questions (sharded over torchrun ranks; see eval.generate.answer_file)."""
-    from eval.generate import answer_file
+    from eval.generate import answer_with
     from eval.prompts import load_prompts, vqa_prompt
-    from eval.generate import init_distributed
-    from vlm.models.vlm import load_assistant
 
-    bench = VQA_BENCHMARKS[args.benchmark](args.data_root, split=args.split, lang=args.lang)
-    items = bench.load()
+    items = VQA_BENCHMARKS[args.benchmark](args.data_root, split=args.split, lang=args.lang).load()
     prompts = load_prompts(args.benchmark, args.prompts)
-    d = init_distributed()
-    model, tokenizer, image = assistant or load_assistant(args.checkpoint)
-    model.to(d.device)
     todo = [(it.qid, vqa_prompt(prompts, it.question, it.answer_type, args.closed_options), it.image)
             for it in items]
-    n = answer_file(model, tokenizer, image, todo, args.out, "question_id", args.batch_size,
-                    args.max_new_tokens, desc=f"{args.benchmark} answers")
-    log.info("rank %d: %d answers generated now (%d questions in all) -> %s", d.rank, n, len(items), args.out)
+    n, rank = answer_with(args.checkpoint, assistant, todo, args.out, "question_id", args.batch_size,
+                          args.max_new_tokens, f"{args.benchmark} answers")
+    log.info("rank %d: %d answers generated now (%d questions in all) -> %s", rank, n, len(items), args.out)
     return n
 
 
@@ -156,12 +150,9 @@ def main(argv=None) -> int:
         print(markdown(r).split("\n### ")[0])
         log.info("wrote %s (+ .questions.csv, .md) in %.2fs", args.out, r["seconds"])
     elif args.command == "generate":
-        from eval.generate import cleanup
+        from eval.generate import run_and_cleanup
 
-        try:
-            generate_answers(args)
-        finally:
-            cleanup()
+        run_and_cleanup(generate_answers, args)
     return 0
 
 
