@@ -78,6 +78,21 @@ def torchrun(nproc: int, args: list[str], env: dict, cwd=None, tries: int = 3):
     return r
 
 
+def one_and_two_processes(script: Path, tmp_path: Path, *args: str) -> tuple[dict, dict]:
+    """Run a tests/dist script plainly and under torchrun with 2 gloo processes; each saves a
+    safetensors file -> (one process's tensors, two processes' tensors)."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one.st"), *args], check=True, env=env)
+    r = torchrun(2, [str(script), str(tmp_path / "two.st"), *args], env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return load_file(tmp_path / "one.st"), load_file(tmp_path / "two.st")
+
+
 def stand_in_images(root: Path, names, size=(32, 32), mode="RGB"):
     """Draw a distinct stand-in image for each relative name under root (fixtures ship no images)."""
     for i, name in enumerate(names):

@@ -3,16 +3,12 @@ accumulation, 2-process DDP = 1 process with the doubled batch."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
-from conftest import REPO, torchrun
+from conftest import REPO, one_and_two_processes
 from vlm.losses import LossConfig, concept_align_loss, contrastive_loss
 from vlm.models.clip import MedCLIP, build_tokenizer
 
@@ -125,12 +121,7 @@ def test_gradient_accumulation_equals_large_batch(synth_dir):
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
 def test_two_process_ddp_equals_one_process(tmp_path, kind):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    script = str(REPO / "tests" / "dist" / "clip_grads.py")
-    subprocess.run([sys.executable, script, str(tmp_path / "one.st"), kind], check=True, env=env)
-    r = torchrun(2, [script, str(tmp_path / "two.st"), kind], env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    one, two = load_file(tmp_path / "one.st"), load_file(tmp_path / "two.st")
+    one, two = one_and_two_processes(REPO / "tests" / "dist" / "clip_grads.py", tmp_path, kind)
     assert torch.allclose(one["loss"], two["loss"], atol=1e-5), (one["loss"], two["loss"])
     assert set(one) == set(two)
     for k in one:
@@ -256,12 +247,7 @@ def test_grad_checkpointing_same_gradients():
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_process_step_matches_one_process(tmp_path, parallel):
     """A full optimizer step under DDP or FSDP2 (gloo, CPU) gives the single-process weights."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    script = str(REPO / "tests" / "dist" / "fsdp_step.py")
-    subprocess.run([sys.executable, script, str(tmp_path / "one.st"), parallel], check=True, env=env)
-    r = torchrun(2, [script, str(tmp_path / "two.st"), parallel], env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    one, two = load_file(tmp_path / "one.st"), load_file(tmp_path / "two.st")
+    one, two = one_and_two_processes(REPO / "tests" / "dist" / "fsdp_step.py", tmp_path, parallel)
     assert set(one) == set(two)
     for k in one:
         assert torch.allclose(one[k], two[k], atol=1e-5), k

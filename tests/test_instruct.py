@@ -141,14 +141,9 @@ def test_resume_identity_and_transformers_export(assets, synth_dir, tmp_path):
 def test_two_process_instruct_step_matches_one_process(tmp_path, parallel):
     """Stage 2 under DDP / FSDP2 on 2 gloo processes, ranks holding different token counts: same loss
     and same weights after the step as one process with the whole batch."""
-    from conftest import torchrun
+    from conftest import one_and_two_processes
 
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    script = str(REPO / "tests" / "dist" / "instruct_step.py")
-    subprocess.run([sys.executable, script, str(tmp_path / "one.st"), parallel], check=True, env=env)
-    r = torchrun(2, [script, str(tmp_path / "two.st"), parallel], env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    one, two = load_file(tmp_path / "one.st"), load_file(tmp_path / "two.st")
+    one, two = one_and_two_processes(REPO / "tests" / "dist" / "instruct_step.py", tmp_path, parallel)
     assert set(one) == set(two)
     assert torch.allclose(one["loss"], two["loss"], atol=1e-5), (one["loss"], two["loss"])
     for k in one:
