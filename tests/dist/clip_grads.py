@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from train.distributed import init_distributed, parallelize
+from train.distributed import cleanup, init_distributed, parallelize
 from vlm.losses import LossConfig, concept_align_loss, contrastive_loss
 from vlm.models.clip import MedCLIP
 
@@ -49,8 +49,9 @@ def main(out: str, kind: str) -> None:
     if d.is_main:
         grads = {f"grad.{n}": p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
         save_file(grads | {"loss": reported}, out)
-    if d.enabled:
-        dist.destroy_process_group()
+    if d.enabled:  # every rank done (rank 0's file written) before the group goes away
+        torch.distributed.barrier()
+    cleanup()
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from train.distributed import init_distributed, parallelize, sync_replicated_grads
+from train.distributed import cleanup, init_distributed, parallelize, sync_replicated_grads
 from vlm.losses import LossConfig, contrastive_loss
 from vlm.models.clip import MedCLIP
 
@@ -31,8 +31,9 @@ def main(out: str, parallel: str) -> None:
     state = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if d.is_main:
         save_file({k: v.contiguous() for k, v in state.items()}, out)
-    if d.enabled:
-        torch.distributed.destroy_process_group()
+    if d.enabled:  # every rank done (rank 0's file written) before the group goes away
+        torch.distributed.barrier()
+    cleanup()
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from train.distributed import all_reduce_mean, init_distributed, parallelize
+from train.distributed import all_reduce_mean, cleanup, init_distributed, parallelize
 from train.instruct import InstructCollate, InstructTask
 from train.trainer import StepContext
 from vlm.data.chat import IGNORE
@@ -50,8 +50,9 @@ def main(out: str, parallel: str) -> None:
     state = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if d.is_main:
         save_file({k: v.contiguous() for k, v in state.items()} | {"loss": loss}, out)
-    if d.enabled:
-        torch.distributed.destroy_process_group()
+    if d.enabled:  # every rank done (rank 0's file written) before the group goes away
+        torch.distributed.barrier()
+    cleanup()
 
 
 if __name__ == "__main__":
