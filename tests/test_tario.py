@@ -46,3 +46,18 @@ def test_truncated_and_garbage(tmp_path):
     p.write_bytes(b"")
     with pytest.raises(TruncatedTar):
         list(iter_members(str(p)))
+
+
+def test_unwanted_members_are_walked_past_without_their_data(tmp_path):
+    p = tmp_path / "x.tar"
+    build(p, tarfile.GNU_FORMAT, ["a.txt", "b.png", "deep/" * 30 + "c.txt"])
+    asked = []
+
+    def want(name):
+        asked.append(name)
+        return name.endswith(".txt")
+
+    got = list(iter_members(str(p), want))
+    assert [n for n, _ in got] == asked == [n for n, _ in iter_members(str(p))]
+    assert [d is None for _, d in got] == [False, True, False]
+    assert bytes(got[2][1]) == dict(iter_members(str(p)))[got[2][0]]

@@ -8,7 +8,7 @@ parser does not accept (bad checksum, a member running past the end of the file)
 from __future__ import annotations
 
 import mmap
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 BLOCK = 512
 REGULAR = (b"0", b"\x00", b"7")
@@ -39,8 +39,13 @@ def _pax_path(body: bytes) -> str | None:
     return path
 
 
-def iter_members(path: str) -> Iterator[tuple[str, bytes]]:
-    """Yield ``(name, data)`` for the regular files of a tar, in order."""
+def iter_members(path: str, want: Optional[Callable[[str], bool]] = None) -> Iterator[tuple[str, Optional[bytes]]]:
+    """Yield ``(name, data)`` for the regular files of a tar, in order.
+
+    ``want(name)`` is asked just before a member's data would be copied out of the map; when it says
+    False the member comes as ``(name, None)``. Walking past a member then costs only its header, which
+    is what lets several workers share one shard cheaply (each keeps its own samples).
+    """
     with open(path, "rb") as f:
         try:
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -88,4 +93,4 @@ def iter_members(path: str) -> Iterator[tuple[str, bytes]]:
                 continue
             name = paxname or longname or name
             longname = paxname = None
-            yield name, mm[start:end]
+            yield name, (mm[start:end] if want is None or want(name) else None)
