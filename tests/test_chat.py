@@ -61,6 +61,47 @@ def test_only_assistant_turns_are_labels(template, eot):
     assert runs == [f"Yes, a small nodule.{eot}", f"A chest x-ray.{eot}"]
 
 
+FAMILY_CONV = [{"from": "human", "value": "<image>\nIs there a nodule in the right upper lung?"},
+               {"from": "gpt", "value": "Yes"},
+               {"from": "human", "value": "What imaging modality is this?"}, {"from": "gpt", "value": "MRI"},
+               {"from": "human", "value": "Describe the findings."},
+               {"from": "gpt", "value": "A small effusion on the left side."}]
+
+
+def labelled_runs(ids, labels):
+    runs, cur = [], []
+    for t, lab in zip(ids, labels):
+        assert lab in (IGNORE, t)
+        if lab != IGNORE:
+            cur.append(lab)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    return runs + ([cur] if cur else [])
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama3", "llama2", "mistral", "gemma", "phi3"])
+@pytest.mark.parametrize("system", [None, "You are a radiologist."])
+def test_masking_on_every_tokenizer_family(family, system):
+    """Byte-level BPE (Qwen2 ChatML, Llama-3), Metaspace BPE (Llama-2 'answer </s>', Mistral, Phi-3) and
+    Unigram (Gemma's turns): the labelled tokens are exactly each answer, one-word answers included,
+    followed by the template's end-of-turn token; no other token is labelled."""
+    from vlm.models.tiny import family as fam_of, train_tokenizer
+
+    tok = train_tokenizer(family)
+    eot = tok.convert_tokens_to_ids(fam_of(family).end_of_turn)
+    cfg = ChatConfig(system_prompt=system)
+    check_template(tok, cfg)
+    ids, labels = encode(normalize_conversation(FAMILY_CONV, 1), tok, cfg, image_seq_len=4)
+    runs = labelled_runs(ids, labels)
+    answers = [t["value"] for t in FAMILY_CONV if t["from"] == "gpt"]
+    assert len(runs) == len(answers), [tok.decode(r) for r in runs]
+    for run, answer in zip(runs, answers):
+        assert run[-1] == eot, tok.decode(run)
+        assert tok.decode(run[:-1]).strip() == answer
+    assert sum(len(r) for r in runs) == sum(1 for x in labels if x != IGNORE)
+
+
 def test_plain_template_for_stage1():
     tok = make_tokenizer(None)
     cfg = ChatConfig(template="plain")
@@ -102,6 +143,21 @@ def test_truncate_or_drop():
     assert short == (ids[:10], labels[:10])
     with pytest.raises(SkipExample, match="too_long"):
         fit_length(ids, labels, ChatConfig(max_length=10, overlong="drop"), image_id=999)
+
+
+@pytest.mark.parametrize("first_image_at", [4, 8, 14])
+def test_truncation_never_leaves_an_image_without_its_tokens(first_image_at):
+    """A cut inside an image's placeholder block, or before a whole later image, would keep pixels without
+    (all) their tokens: the example is skipped and counted instead; a cut after every image truncates."""
+    IMG = 99
+    ids = list(range(first_image_at)) + [IMG] * 4 + list(range(20, 30))
+    labels = [IGNORE] * (first_image_at + 4) + list(range(20, 30))
+    if first_image_at + 4 <= 10:
+        assert fit_length(ids, labels, ChatConfig(max_length=10), IMG)[0] == ids[:10]
+    else:
+        with pytest.raises(SkipExample) as e:
+            fit_length(ids, labels, ChatConfig(max_length=10), IMG)
+        assert e.value.reason == "truncation_cuts_image"
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])

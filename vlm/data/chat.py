@@ -4,8 +4,11 @@ trained, image placeholders expanded, and sequence packing.
 Prompts are rendered with the tokenizer's own chat template (``apply_chat_template``); the
 ``plain`` template (LLaVA's stage-1 format) is image tokens, then the caption, then EOS. Labels
 are found by position, not by re-tokenising pieces: the rendered text is tokenised once with
-character offsets, and a token is a label when it lies inside an assistant message's content (plus
-the end-of-turn token the template puts right after it). An example whose assistant content cannot
+character offsets, and a token is a label when it overlaps an assistant message's content (a
+SentencePiece ``▁word`` token starts at the space before its word), plus the end-of-turn token the
+template puts after it and any whitespace-only tokens between (Llama-2's ``answer </s>``).
+Tested on every tokenizer kind (byte-level BPE, Metaspace BPE, Unigram) with templates of the
+ChatML, Llama-3, Llama-2, Mistral, Gemma and Phi-3 shapes (vlm/models/tiny.py). An example whose assistant content cannot
 be located in the rendered text is skipped with the reason ``masking_failed`` and counted, never
 trained with an all-masked label row (LLaVA's silent "tokenization mismatch").
 
@@ -123,14 +126,22 @@ def encode(messages: list[dict], tokenizer, cfg: ChatConfig, image_seq_len: int)
         special = set(tokenizer.all_special_ids)
         labels = [IGNORE] * len(ids)
         for s, e in spans:
-            inside = [i for i, (a, b) in enumerate(offsets) if a >= s and b <= e and b > a]
+            # every token carrying a character of the answer: SentencePiece-style tokens ('▁Yes') start at
+            # the space before the word, so a token need only overlap the answer, not lie inside it
+            inside = [i for i, (a, b) in enumerate(offsets) if b > a and a < e and b > s]
             if not inside:
                 raise SkipExample("masking_failed", "an assistant turn has no token of its own")
             for i in inside:
                 labels[i] = ids[i]
-            nxt = inside[-1] + 1  # the template's end-of-turn token teaches the model to stop
-            if nxt < len(ids) and ids[nxt] in special:
-                labels[nxt] = ids[nxt]
+            # the template's end-of-turn token teaches the model to stop; whitespace the template puts
+            # before it (Llama-2's 'answer </s>') is part of what the model must produce to get there
+            j, gap = inside[-1] + 1, []
+            while j < len(ids) and ids[j] not in special and not text[offsets[j][0]:offsets[j][1]].strip():
+                gap.append(j)
+                j += 1
+            if j < len(ids) and ids[j] in special:
+                for i in (*gap, j):
+                    labels[i] = ids[i]
     return expand_images(ids, labels, image_id, image_seq_len)
 
 
@@ -147,14 +158,16 @@ def expand_images(ids: list[int], labels: list[int], image_id: int, n: int) -> t
 
 
 def fit_length(ids: list[int], labels: list[int], cfg: ChatConfig, image_id: int) -> tuple[list[int], list[int]]:
-    """Truncate (never inside an image's tokens) or drop an over-long example."""
+    """Truncate or drop an over-long example. Truncation never leaves an image without all of its tokens
+    (its pixels would have no placeholders, or too few): an example whose cut would remove any image token
+    is skipped as ``truncation_cuts_image``."""
     if len(ids) <= cfg.max_length:
         return ids, labels
     if cfg.overlong == "drop":
         raise SkipExample("too_long", f"{len(ids)} > {cfg.max_length} tokens")
     cut = cfg.max_length
-    if image_id in ids[cut:] and ids[cut - 1] == image_id:
-        raise SkipExample("too_long", "truncation would cut an image's tokens")
+    if image_id in ids[cut:]:
+        raise SkipExample("truncation_cuts_image", f"{len(ids)} tokens cut at {cut} would drop image tokens")
     labels = labels[:cut]
     if all(x == IGNORE for x in labels):
         raise SkipExample("too_long", "no answer token left after truncation")
