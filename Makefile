@@ -18,7 +18,7 @@ SYNTH_TEST   ?= 400
 STAGES := $(DEMO)/.stages
 LOGS   := $(DEMO)/logs
 
-.PHONY: demo test setup clean-demo contracts bench
+.PHONY: demo test test-all setup clean-demo contracts bench
 
 setup: $(STAMP)
 
@@ -30,8 +30,15 @@ $(STAMP): setup.py
 	@$(PY) -m pip install -q -e ".[dev,metrics]"
 	@touch $@
 
+# make test: the suite CI runs (one shipped config per family rehearsed); make test-all: every shipped
+# config rehearsed too (tests marked slow). Two pytest workers, one test file each at a time (a file's
+# module fixtures, such as the test-size demo, are built once).
+TEST_ARGS ?= -n 2 --dist loadfile
 test: $(STAMP)
-	$(PY) -m pytest tests -m "not gpu" -q
+	$(PY) -m pytest tests -m "not gpu and not slow" -q $(TEST_ARGS)
+
+test-all: $(STAMP)
+	$(PY) -m pytest tests -m "not gpu" -q $(TEST_ARGS)
 
 # ---------------------------------------------------------------------------------------------
 # make demo: every stage writes a stamp when it succeeds, so a second `make demo` after an

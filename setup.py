@@ -31,7 +31,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "dev": ["pytest>=8", "pytest-timeout", "psutil"],
+    "dev": ["pytest>=8", "pytest-timeout", "pytest-xdist", "psutil"],
     "gpu": ["flash-attn", "xformers"],
     "metrics": ["pycocoevalcap"],
 }

@@ -128,6 +128,21 @@ def test_two_process_ddp_equals_one_process(tmp_path, kind):
         assert torch.allclose(one[k], two[k], atol=1e-5, rtol=1e-4), k
 
 
+def test_concept_step_two_processes_equal_one(tmp_path):
+    """ClipTask's concept alignment under DDP: a concept seen on both ranks counts once (as in one process
+    with the whole batch: 'shared'), a rank without concepts ('empty') and a step without any ('none')
+    neither hang nor differ."""
+    one, two = one_and_two_processes(REPO / "tests" / "dist" / "concept_step.py", tmp_path)
+    assert set(one) == set(two)
+    for scenario in ("shared", "empty", "none"):
+        assert torch.allclose(one[f"{scenario}.loss"], two[f"{scenario}.loss"], atol=1e-5), scenario
+        assert f"{scenario}.grad.concept_logit_scale" in one
+        concept_loss, scale_grad = float(one[f"{scenario}.loss"][1]), float(one[f"{scenario}.grad.concept_logit_scale"])
+        assert (concept_loss == 0.0 and scale_grad == 0.0) if scenario == "none" else (concept_loss > 0 and scale_grad)
+    for k in one:
+        assert torch.allclose(one[k], two[k], atol=1e-5, rtol=1e-4), (k, (one[k] - two[k]).abs().max())
+
+
 def test_hf_text_tower_from_local_folder(tmp_path):
     """A Hugging Face text tower from a local folder: a 2-layer BERT and a tokenizer trained here."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
@@ -186,12 +201,35 @@ def test_gpu_attention_kernels_match_sdpa(impl):
     torch.manual_seed(0)
     model = MedCLIP("tiny-vit-text").cuda().eval().to(torch.bfloat16)
     x = torch.randn(4, 3, 64, 64, device="cuda", dtype=torch.bfloat16)
+    t = build_tokenizer("tiny-vit-text")(["a chest x-ray", "head ct scan", "mri", "a fundus photograph"]).cuda()
     with torch.no_grad():
         set_attention(model, "sdpa")
-        ref = model.encode_image(x)
-        set_attention(model, impl)
-        out = model.encode_image(x)
-    assert torch.allclose(out.float(), ref.float(), atol=2e-2)
+        ref = model.encode_image(x), model.encode_text(t)
+        set_attention(model, impl)  # the text tower's causal mask runs as the kernel's causal mode
+        out = model.encode_image(x), model.encode_text(t)
+    assert torch.allclose(out[0].float(), ref[0].float(), atol=2e-2)
+    assert torch.allclose(out[1].float(), ref[1].float(), atol=2e-2)
+
+
+def test_causal_text_mask_runs_as_the_kernels_causal_mode():
+    """The text tower's mask is recognised as causal (so xformers/flash-attention can run it as their causal
+    mode); the causal path and the mask path give the same attention; other masks are refused clearly."""
+    from vlm.models.attention import attention, is_causal_mask
+
+    torch.manual_seed(0)
+    model = MedCLIP("tiny-vit-text")
+    mask = model.clip.attn_mask  # open_clip's own (T, T) float mask
+    T = mask.shape[0]
+    assert is_causal_mask(mask, T) and not is_causal_mask(mask, T + 1)
+    assert is_causal_mask(~torch.ones(T, T, dtype=torch.bool).triu(1), T)
+    broken = mask.clone()
+    broken[0, 1] = 0.0
+    assert not is_causal_mask(broken, T) and not is_causal_mask(torch.zeros(T, T), T)
+    q, k, v = torch.randn(3, 2, 2, T, 16).unbind(0)
+    for impl in ("sdpa", "eager"):
+        assert torch.allclose(attention(q, k, v, impl, causal=True), attention(q, k, v, "eager", mask), atol=1e-5)
+    with pytest.raises(ValueError, match="use sdpa"):
+        attention(q, k, v, "xformers", mask=torch.zeros(T, T))
 
 
 def test_lora_trains_only_adapters_and_merges_back():
@@ -214,6 +252,28 @@ def test_lora_trains_only_adapters_and_merges_back():
     assert set(model.state_dict()) == base_keys
     with torch.no_grad():
         assert torch.allclose(model.encode_image(x), before, atol=1e-5)
+
+
+@pytest.mark.parametrize("tower", ["image", "text"])
+def test_lora_on_one_tower_leaves_the_rest_as_configured(tower):
+    """peft freezes every non-adapter parameter of the whole model; inject_lora must restore what trained
+    outside the tower (the other tower, the logit scale, the concept head) and leave frozen what was."""
+    from vlm.models.lora import inject_lora
+
+    model = MedCLIP("tiny-vit-text")
+    model.concept_logit_bias.requires_grad_(False)  # frozen before: stays frozen
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    prefix = model.tower_prefix(tower)
+    inject_lora(model, prefix, r".*\.(c_fc|c_proj)$", r=4, alpha=8)
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            assert p.requires_grad, n
+        elif n.startswith(prefix):
+            assert not p.requires_grad, n
+        else:
+            assert p.requires_grad == before[n], n
+    assert model.logit_scale.requires_grad and model.concept_logit_scale.requires_grad
+    assert not model.concept_logit_bias.requires_grad
 
 
 def test_weight_decay_groups():

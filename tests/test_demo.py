@@ -53,7 +53,18 @@ def test_demo_summary_report_and_exports(demo):
         assert get(s, key) is not None, key
     for name in ("open_clip", "transformers"):
         assert not Path(s["exports"][name]).is_absolute() and (root / s["exports"][name]).is_dir()
-    assert 0 <= s["vqa"]["closed_accuracy"] <= 1 and 0 <= s["report"]["bleu_4"] <= 1
+    assert 0 <= s["report"]["bleu_4"] <= 1
+    # every stage learns, even at test size, by margins the tiny demo reaches reliably (measured: modality
+    # 0.79-0.92 of 24 images, chance 0.2; image->text R@1 0.17-0.25, chance 0.04; open VQA exact match 0.55,
+    # the most frequent open answer 0.13; report ROUGE-L 0.54, the constant report 0.15)
+    assert s["zeroshot"]["modality_accuracy"] >= 0.5
+    assert s["retrieval"]["image_to_text_r1"] >= 2 * s["retrieval"]["chance_r1"]
+    test = json.loads((root / "data/demo/synth/eval/slake/test.json").read_text())
+    opened = [str(q["answer"]).lower() for q in test if q.get("answer_type") == "OPEN" and q.get("q_lang") == "en"]
+    majority = max(opened.count(a) for a in set(opened)) / len(opened)
+    vqa = json.loads((root / "runs/demo/suite/slake.json").read_text())
+    assert vqa["exact_match"] >= majority + 0.2, (vqa["exact_match"], majority)
+    assert s["report"]["rouge_l"] >= s["report"]["baseline_rouge_l"] + 0.1
     assert s["report"]["baseline_text"] == "No acute abnormality." and "baseline_bleu_4" in s["report"]
     assert s["seconds"] > 0 and set(s["stage_seconds"]) >= {"clip", "stage2", "eval"}
     kinds = {a["kind"]: a for a in s["asked"]}

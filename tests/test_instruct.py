@@ -148,3 +148,64 @@ def test_two_process_instruct_step_matches_one_process(tmp_path, parallel):
     assert torch.allclose(one["loss"], two["loss"], atol=1e-5), (one["loss"], two["loss"])
     for k in one:
         assert torch.allclose(one[k], two[k], atol=1e-5, rtol=1e-4), (k, (one[k] - two[k]).abs().max())
+
+
+def shipped_7b_args(assets, synth_dir, name: str, llm: Path, out: Path, steps: int, extra=()):
+    """A shipped 7B config as shipped except the model shrunk (tiny vision export, tiny LLM folder of the same
+    family) and the data (the synthetic conversations for every source)."""
+    from vlm.config import load_config
+    from train.config import InstructRunConfig
+
+    cfg = load_config(InstructRunConfig, REPO / f"configs/instruct/{name}")
+    sources = [f"data.sources.{i}.path={synth_dir / 'instruct'}" for i in range(len(cfg.data.sources))]
+    return ["--config", str(REPO / f"configs/instruct/{name}"), f"model.vision={assets / 'vision'}",
+            f"model.llm={llm}", "model.init_from=null", "model.attn_impl=sdpa", *sources, "data.image.size=32",
+            "data.num_workers=1", "data.batch_size=4", "chat.max_length=384", f"train.output_dir={out}",
+            f"train.steps={steps}", "train.save_every=1", "train.progress=false", "train.tensorboard=false",
+            "train.resume=null", *extra]
+
+
+@pytest.fixture(scope="module")
+def tiny_mistral(tmp_path_factory):
+    """A 2-layer Mistral stored in bf16 (as Mistral-7B is) with a Metaspace BPE tokenizer and [INST] template."""
+    from vlm.models.tiny import save_tiny_llm
+
+    return save_tiny_llm(tmp_path_factory.mktemp("mistral") / "llm", "mistral", dtype="bfloat16")
+
+
+def test_lora_stage2_trains_projector_and_adapters_only(assets, synth_dir, tiny_mistral, tmp_path):
+    """llava_med_7b_lora.yaml as shipped (model shrunk): the projector trains fully, LoRA adapters train, the
+    LLM base and the vision tower stay frozen (peft's injection used to freeze the projector)."""
+    out = tmp_path / "lora"
+    r = run(shipped_7b_args(assets, synth_dir, "llava_med_7b_lora.yaml", tiny_mistral, out, 2,
+                            ["train.precision=bf16"]))
+    assert r.returncode == 0, r.stderr[-3000:]
+    w1 = load_file(out / "checkpoints/step_00000001/model.safetensors")
+    w2 = load_file(out / "checkpoints/step_00000002/model.safetensors")
+    moved = {k for k in w1 if not torch.equal(w1[k], w2[k])}
+    proj = {k for k in w1 if "multi_modal_projector" in k}
+    adapters = {k for k in w1 if "lora_" in k}
+    assert proj and proj <= moved
+    assert adapters and adapters <= moved
+    assert moved == proj | adapters, sorted(moved - proj - adapters)[:5]
+
+
+def test_fsdp_full_finetuning_of_a_bf16_llm(assets, synth_dir, tiny_mistral, tmp_path):
+    """llava_med_7b_full.yaml as shipped (FSDP2, bf16, lr 2e-5 with its warmup; model shrunk to a bf16-stored
+    Mistral) on 2 processes: no dtype crash, fp32 master weights, and after two steps more than 90% of the
+    LLM's weight elements changed (in pure bf16 such updates round away)."""
+    from conftest import torchrun
+
+    out = tmp_path / "full"
+    r = torchrun(2, ["-m", "train.instruct", *shipped_7b_args(assets, synth_dir, "llava_med_7b_full.yaml",
+                                                              tiny_mistral, out, 2)],
+                 {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-4000:]
+    before = {("model.language_model." + k.removeprefix("model.") if k.startswith("model.") else k): v
+              for k, v in load_file(tiny_mistral / "model.safetensors").items()}
+    assert all(v.dtype == torch.bfloat16 for v in before.values())
+    after = load_file(out / "checkpoints/step_00000002/model.safetensors")
+    llm = {k: v for k, v in after.items() if k in before}
+    assert llm and all(v.dtype == torch.float32 for v in llm.values())
+    changed = sum(int((before[k].float() != v).sum()) for k, v in llm.items()) / sum(v.numel() for v in llm.values())
+    assert changed > 0.9, changed

@@ -64,18 +64,24 @@ class ClipTask:
                      patches=self.concepts, concept_tokens=concept_tokens)
 
     def _concept_inputs(self, batches):
-        """This rank's concept names, and the global (rank-major) concept names and image concept sets."""
+        """-> (the concept names this rank encodes, all concept names in the loss's rank-major order, the
+        concept set of every image of the global batch, rank-major).
+
+        The concepts of a step are those of the *global* batch, each counted once however many ranks
+        saw it (so W processes equal one process with the W-fold batch); rank r encodes every W-th of
+        them in sorted order (a rank may encode none)."""
         import torch.distributed as dist
 
         per_image = [set(sample_concepts(m, self.cfg.loss.concepts_per_sample)) for b in batches for m in b["meta"]]
         names = sorted(set().union(*per_image)) if per_image else []
-        all_names = names
-        if dist.is_available() and dist.is_initialized():
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, (names, per_image))
-            all_names = [n for part in gathered for n in part[0]]
-            per_image = [s for part in gathered for s in part[1]]
-        return names, all_names, per_image
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return names, names, per_image
+        rank, world = dist.get_rank(), dist.get_world_size()
+        gathered = [None] * world
+        dist.all_gather_object(gathered, (names, per_image))
+        union = sorted({n for part in gathered for n in part[0]})
+        per_image = [s for part in gathered for s in part[1]]
+        return union[rank::world], [n for r in range(world) for n in union[r::world]], per_image
 
     def train_step(self, model: nn.Module, batches: list[dict], ctx: StepContext) -> dict:
         device = ctx.d.device
@@ -124,6 +130,10 @@ class ClipTask:
             contrastive = self.contrastive(img, txt, scale, bias)
         parts = {"loss_contrastive": contrastive.detach()}
         loss = contrastive
+        if self.concepts and positives is None:  # no concept anywhere in the global batch this step:
+            # the concept head's parameters still take part (zero gradient), so DDP's buckets complete
+            loss = loss + 0.0 * (raw.concept_logit_scale + raw.concept_logit_bias)
+            parts["loss_concept"] = torch.zeros(())
         if positives is not None:
             cscale = raw.concept_logit_scale if first else raw.concept_logit_scale.detach()
             cbias = raw.concept_logit_bias if first else raw.concept_logit_bias.detach()
@@ -195,28 +205,45 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def build_run(cfg: ClipRunConfig, d) -> tuple[nn.Module, dict]:
+    """The model and everything else ``Trainer(model, **kwargs)`` needs for this config (also used by
+    train.rehearse, which must run exactly what train.clip runs)."""
+    model = build_model(cfg)
+    if cfg.data.image.size != model.image_size:
+        raise ValueError(f"data.image.size={cfg.data.image.size} but model {cfg.model.name} expects "
+                         f"{model.image_size} px")
+    tokenizer = build_tokenizer(cfg.model.name)
+    if d.world_size > 1 and not cfg.data.drop_last:
+        # the contrastive losses all-gather equal-sized feature batches from every rank: an epoch's last,
+        # partial batch on one rank (ranks skip different numbers of corrupt samples) would break the gather
+        log.info("data.drop_last=true under %d ranks: every rank's batches are full (contrastive all-gather)",
+                 d.world_size)
+        cfg.data.drop_last = True
+    loader = ShardLoader(cfg.data, rank=d.rank, world_size=d.world_size, tokenize=tokenizer)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("model %s: %.2fM parameters (%.2fM trainable); %d samples in the shards; %d step(s) of %d x %d x %d",
+             cfg.model.name, sum(p.numel() for p in model.parameters()) / 1e6, n_train / 1e6,
+             loader.dataset.num_samples, cfg.train.steps, d.world_size, cfg.optim.grad_accum,
+             cfg.data.batch_size)
+    return model, dict(task=ClipTask(cfg, tokenizer), loader=loader, cfg=cfg.train, optim_cfg=cfg.optim, d=d,
+                       run_config=cfg, eval_fn=make_eval_fn(cfg, tokenizer, d.device),
+                       eval_model_fn=lambda: build_model(cfg))
+
+
 @cli
 def main(argv=None) -> int:
     cfg = parse_run_config("python -m train.clip", __doc__, ClipRunConfig, argv, "train.steps=100 optim.lr=1e-4")
     d = init_distributed()
     setup_logging(quiet=not d.is_main)
     try:
+        seed_everything(cfg.train.seed)  # the same initial weights on every rank (FSDP2 shards them as built)
+        model, kwargs = build_run(cfg, d)
         seed_everything(cfg.train.seed + d.rank)
-        model = build_model(cfg)
-        if cfg.data.image.size != model.image_size:
-            raise ValueError(f"data.image.size={cfg.data.image.size} but model {cfg.model.name} expects "
-                             f"{model.image_size} px")
-        tokenizer = build_tokenizer(cfg.model.name)
-        loader = ShardLoader(cfg.data, rank=d.rank, world_size=d.world_size, tokenize=tokenizer)
-        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        log.info("model %s: %.2fM parameters (%.2fM trainable); %d samples in the shards; %d step(s) of %d x %d x %d",
-                 cfg.model.name, sum(p.numel() for p in model.parameters()) / 1e6, n_train / 1e6,
-                 loader.dataset.num_samples, cfg.train.steps, d.world_size, cfg.optim.grad_accum,
-                 cfg.data.batch_size)
-        trainer = Trainer(model, ClipTask(cfg, tokenizer), loader, cfg.train, cfg.optim, d, cfg,
-                          eval_fn=make_eval_fn(cfg, tokenizer, d.device))
+        trainer = Trainer(model, **kwargs)
         result = trainer.fit()
-        if d.is_main:
+        if d.is_main and result["preempted"]:
+            log.info("stopped at step %d by SIGTERM; continue with train.resume=latest", result["step"])
+        elif d.is_main:
             from vlm.utils import atomic_write_text
 
             summary = {"step": result["step"], "final_metrics": result["metrics"], "zeroshot": result["eval"],

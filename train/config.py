@@ -72,7 +72,12 @@ class OptimConfig:
 class TrainConfig:
     output_dir: str = "runs/clip"
     steps: int = 1000  # optimizer steps
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    precision: str = "fp32"  # fp32 | bf16: compute dtype (autocast; FSDP2 also all-gathers in bf16)
+    # dtype of the trained weights and optimizer states. fp32 (default): master weights in fp32 whatever
+    # the checkpoint's stored dtype (a bf16 LLM is upcast), so small updates do not round away.
+    # bf16: keep every weight and AdamW state in bf16 (half the memory; updates below bf16's
+    # resolution are lost): only with precision=bf16, and only on purpose.
+    master_dtype: str = "fp32"
     parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard)
     seed: int = 0
     log_every: int = 10
@@ -88,6 +93,10 @@ class TrainConfig:
     def __post_init__(self):
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"train.precision must be fp32 or bf16, got {self.precision!r}")
+        if self.master_dtype not in ("fp32", "bf16"):
+            raise ValueError(f"train.master_dtype must be fp32 or bf16, got {self.master_dtype!r}")
+        if self.master_dtype == "bf16" and self.precision != "bf16":
+            raise ValueError("train.master_dtype=bf16 (pure bf16 weights) needs train.precision=bf16")
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"train.parallel must be ddp or fsdp, got {self.parallel!r}")
         if self.steps < 1:

@@ -40,22 +40,45 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def parallelize(model: nn.Module, d: Dist, parallel: str = "ddp", shard_modules: tuple[type, ...] = ()) -> nn.Module:
+def set_master_dtype(model: nn.Module, dtype: torch.dtype, only_trainable: bool = False) -> int:
+    """Cast floating-point parameters (and buffers) to ``dtype`` in place: fp32 master weights keep small
+    updates, and a bf16-stored LLM next to an fp32 projector becomes one dtype, which FSDP2 needs.
+    ``only_trainable``: cast the trainable parameters only (frozen weights, such as a LoRA run's base
+    LLM, stay as stored: bf16 autocast computes with them as they are, at half the memory).
+    Integer (quantized) weights are left alone. Returns how many tensors were cast."""
+    n = 0
+    tensors = [p for p in model.parameters() if p.requires_grad] if only_trainable else \
+        [*model.parameters(), *model.buffers()]
+    for t in tensors:
+        if t.is_floating_point() and t.dtype != dtype:
+            t.data = t.data.to(dtype)
+            n += 1
+    return n
+
+
+def parallelize(model: nn.Module, d: Dist, parallel: str = "ddp", shard_modules: tuple[type, ...] = (),
+                precision: str = "fp32") -> nn.Module:
     """Wrap a single-device model for data parallel training: DDP, or FSDP2 (``fully_shard``)
-    applied to every ``shard_modules`` instance, then to the root. Identity in one process."""
+    applied to every ``shard_modules`` instance, then to the root. Identity in one process.
+
+    FSDP2 with ``precision=bf16``: ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``:
+    parameters all-gathered and computed in bf16, gradients reduced in fp32 onto the sharded master
+    weights (whatever dtype they are kept in: train.master_dtype)."""
     model.to(d.device)
     if not d.enabled:
         return model
     if parallel == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if precision == "bf16" else MixedPrecisionPolicy()
         # FSDP2 cannot shard 0-dim parameters (logit scales and biases): they stay replicated, and
         # sync_replicated_grads averages their gradients like DDP would
         scalars = {p for p in model.parameters() if p.ndim == 0}
         for m in model.modules():
             if shard_modules and isinstance(m, shard_modules):
-                fully_shard(m, ignored_params=scalars)
-        fully_shard(model, ignored_params=scalars)
+                fully_shard(m, ignored_params=scalars, mp_policy=mp)
+        fully_shard(model, ignored_params=scalars, mp_policy=mp)
         model._replicated_params = [p for p in scalars if p.requires_grad]
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -78,3 +101,29 @@ def sync_replicated_grads(model: nn.Module) -> None:
 
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def clip_grad_norm(params, max_norm: float) -> float:
+    """Clip the global gradient norm of ``params`` to ``max_norm``; returns the norm before clipping.
+
+    Works for any mix of FSDP2-sharded (DTensor) and plain gradients (the replicated scalars FSDP leaves
+    out), which torch's clip_grad_norm_ cannot stack together: each kind's norm is taken on its own
+    (DTensor norms are reduced over the mesh) and combined."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    sq = torch.zeros((), device=grads[0].device, dtype=torch.float32)
+    for kind in (True, False):
+        group = [g for g in grads if isinstance(g, DTensor) == kind]
+        if group:
+            n = torch.nn.utils.get_total_norm(group, 2.0)
+            n = n.full_tensor() if isinstance(n, DTensor) else n
+            sq = sq + n.float().to(sq.device) ** 2
+    total = float(sq.sqrt())
+    coef = max_norm / (total + 1e-6)
+    if coef < 1.0:
+        for g in grads:
+            g.mul_(coef)
+    return total

@@ -154,7 +154,7 @@ def build_assistant(cfg: InstructRunConfig):
         if (p / "checkpoints").is_dir():
             p = list_checkpoints(p / "checkpoints")[-1]
         load_weights_into(model, load_file(p / "model.safetensors"), f"model.init_from={m.init_from}")
-    freeze_for_stage(model, m.stage, m.train_vision)
+    freeze_for_stage(model, m.stage, m.train_vision, train_llm=m.lora.r <= 0)  # LoRA: adapters on a frozen LLM
     if m.grad_checkpointing:
         enable_grad_checkpointing(model)
     if m.stage == 2 and m.lora.r > 0:
@@ -167,6 +167,27 @@ def build_assistant(cfg: InstructRunConfig):
     return model, tokenizer
 
 
+def build_run(cfg: InstructRunConfig, d) -> tuple[torch.nn.Module, dict]:
+    """The assistant and everything else ``Trainer(model, **kwargs)`` needs for this config (also used by
+    train.rehearse, which must run exactly what train.instruct runs)."""
+    model, tokenizer = build_assistant(cfg)
+    cfg.data.require_text = cfg.chat.template == "plain"
+    sample_fn = ConversationSample(tokenizer, cfg.chat, int(model.config.image_seq_length))
+    collate = InstructCollate(cfg.packing, cfg.pack_length or cfg.chat.max_length, tokenizer.pad_token_id or 0,
+                              cfg.group_size)
+    loader = ShardLoader(cfg.data, rank=d.rank, world_size=d.world_size, sample_fn=sample_fn, collate_fn=collate)
+    scales = {"model.vision_tower.": cfg.model.vision_lr_scale} if cfg.model.train_vision else None
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("assistant: %.1fM parameters, %.2fM trainable (stage %d), %d image tokens per image",
+             sum(p.numel() for p in model.parameters()) / 1e6, n_train / 1e6, cfg.model.stage,
+             model.config.image_seq_length)
+    # FSDP2: one unit per LLM decoder layer
+    lm_layers = getattr(model.model.language_model, "layers", None)
+    shard = (type(lm_layers[0]),) if lm_layers is not None and len(lm_layers) else ()
+    return model, dict(task=InstructTask(), loader=loader, cfg=cfg.train, optim_cfg=cfg.optim, d=d, run_config=cfg,
+                       lr_scales=scales, shard_modules=shard, tokenizer=tokenizer)
+
+
 @cli
 def main(argv=None) -> int:
     cfg = parse_run_config("python -m train.instruct", __doc__, InstructRunConfig, argv,
@@ -174,30 +195,21 @@ def main(argv=None) -> int:
     d = init_distributed()
     setup_logging(quiet=not d.is_main)
     try:
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank (FSDP2 shards them as built)
+        model, kwargs = build_run(cfg, d)
         torch.manual_seed(cfg.train.seed + d.rank)
-        model, tokenizer = build_assistant(cfg)
-        cfg.data.require_text = cfg.chat.template == "plain"
-        sample_fn = ConversationSample(tokenizer, cfg.chat, int(model.config.image_seq_length))
-        collate = InstructCollate(cfg.packing, cfg.pack_length or cfg.chat.max_length, tokenizer.pad_token_id or 0,
-                                  cfg.group_size)
-        loader = ShardLoader(cfg.data, rank=d.rank, world_size=d.world_size, sample_fn=sample_fn, collate_fn=collate)
-        scales = {"model.vision_tower.": cfg.model.vision_lr_scale} if cfg.model.train_vision else None
-        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        log.info("assistant: %.1fM parameters, %.2fM trainable (stage %d), %d image tokens per image",
-                 sum(p.numel() for p in model.parameters()) / 1e6, n_train / 1e6, cfg.model.stage,
-                 model.config.image_seq_length)
-        # FSDP2: one unit per LLM decoder layer
-        lm_layers = getattr(model.model.language_model, "layers", None)
-        shard = (type(lm_layers[0]),) if lm_layers is not None and len(lm_layers) else ()
-        trainer = Trainer(model, InstructTask(), loader, cfg.train, cfg.optim, d, cfg, lr_scales=scales,
-                          shard_modules=shard)
+        tokenizer = kwargs.pop("tokenizer")
+        trainer = Trainer(model, **kwargs)
         result = trainer.fit()
-        if d.is_main:
+        if d.is_main and result["preempted"]:
+            log.info("stopped at step %d by SIGTERM; continue with train.resume=latest", result["step"])
+        elif d.is_main:
             from vlm.utils import atomic_write_text
 
             tokenizer.save_pretrained(trainer.out / "tokenizer")
             atomic_write_text(trainer.out / "result.json", json.dumps(
-                {"step": result["step"], "final_metrics": result["metrics"], "skipped": loader.skipped}, indent=1))
+                {"step": result["step"], "final_metrics": result["metrics"], "skipped": kwargs["loader"].skipped},
+                indent=1))
     finally:
         cleanup()
     return 0

@@ -51,7 +51,13 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg, total_steps: int) -> torch.
 
 
 class EMA:
-    """Exponential moving average of a model's floating-point state (weights and buffers)."""
+    """Exponential moving average of a model's floating-point state (weights and buffers), in fp32.
+
+    Under FSDP2 the model's state dict holds DTensor shards: the shadow then holds the same shards
+    (each rank averages its own, no communication per step). ``state_dict()`` gathers full tensors
+    (a collective: every rank calls it; the values are complete on every rank), so the saved EMA has
+    the model's shapes and loads anywhere the model does; ``load_state_dict`` takes full tensors and
+    shards them like the model's."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
@@ -64,7 +70,22 @@ class EMA:
                 self.shadow[k].lerp_(v.detach().float(), 1 - self.decay)
 
     def state_dict(self) -> dict:
-        return self.shadow
+        """Full (unsharded) fp32 tensors on the CPU, keyed like the model's state dict."""
+        from torch.distributed.tensor import DTensor
+
+        return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu() for k, v in self.shadow.items()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.shadow = {k: v.clone() for k, v in state.items()}
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        missing = sorted(set(self.shadow) - set(state))
+        if missing:
+            raise ValueError(f"the saved EMA lacks {len(missing)} tensors of this model: {missing[:5]}")
+        for k, cur in self.shadow.items():
+            full = state[k].float()
+            if tuple(full.shape) != tuple(cur.shape):
+                raise ValueError(f"saved EMA tensor {k} has shape {tuple(full.shape)}, the model {tuple(cur.shape)}")
+            if isinstance(cur, DTensor):
+                self.shadow[k] = distribute_tensor(full.to(cur.device), cur.device_mesh, cur.placements)
+            else:
+                self.shadow[k] = full.to(cur.device).clone()

@@ -22,7 +22,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from train.distributed import Dist, all_reduce_mean, parallelize, sync_replicated_grads, unwrap
+from train.distributed import (Dist, all_reduce_mean, clip_grad_norm, parallelize, set_master_dtype,
+                               sync_replicated_grads, unwrap)
 from train.optim import EMA, build_optimizer, build_scheduler
 from vlm import checkpoint as ckpt
 
@@ -59,15 +60,38 @@ class NonFiniteError(RuntimeError):
     pass
 
 
+class Preempted(BaseException):
+    """Raised by the SIGTERM handler while the loop waits for data (a loader still looking for a sample).
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` on the way (image decoding in
+    the main process) can swallow it."""
+
+
 class Trainer:
     def __init__(self, model: nn.Module, task: Task, loader, cfg, optim_cfg, d: Dist, run_config: Any,
                  eval_fn: Optional[Callable[[nn.Module, int], dict]] = None, lr_scales: dict | None = None,
-                 shard_modules: tuple = ()):
+                 shard_modules: tuple = (), eval_model_fn: Optional[Callable[[], nn.Module]] = None):
+        """``eval_fn(model, step)`` runs on rank 0 on an unsharded model: the training model itself
+        (one process, DDP), or under FSDP2 a copy built by ``eval_model_fn`` holding the gathered weights
+        (the same weights a checkpoint saved at that step holds)."""
         self.cfg, self.optim_cfg, self.d, self.task, self.loader = cfg, optim_cfg, d, task, loader
         self.run_config = run_config
-        self.eval_fn = eval_fn
+        self.eval_fn, self.eval_model_fn, self._eval_model = eval_fn, eval_model_fn, None
+        if eval_fn is not None and cfg.parallel == "fsdp" and d.enabled and eval_model_fn is None:
+            raise ValueError("evaluation during FSDP training needs eval_model_fn (an unsharded model to load into)")
         self.raw_model = model
-        self.model = parallelize(model, d, cfg.parallel, shard_modules)
+        master = torch.bfloat16 if cfg.master_dtype == "bf16" else torch.float32
+        # FSDP2 needs one dtype per unit, fp32 compute needs fp32 weights; with DDP and bf16 autocast, frozen
+        # weights may stay as stored (a LoRA run's bf16 base LLM keeps its memory)
+        only_trainable = cfg.precision == "bf16" and cfg.master_dtype == "fp32" and not (
+            cfg.parallel == "fsdp" and d.enabled)
+        cast = set_master_dtype(model, master, only_trainable)
+        if cast:
+            log.info("master weights: %d tensors cast to %s (train.master_dtype=%s%s)", cast, master, cfg.master_dtype,
+                     ", trainable ones" if only_trainable else "")
+        if cfg.master_dtype == "bf16":
+            log.warning("train.master_dtype=bf16: weights and optimizer states in bf16; updates smaller than "
+                        "bf16's resolution (~0.4%% of a weight) are lost")
+        self.model = parallelize(model, d, cfg.parallel, shard_modules, cfg.precision)
         self.opt = build_optimizer(self.model, optim_cfg, lr_scales)
         self.sched = build_scheduler(self.opt, optim_cfg, cfg.steps)
         self.ema = EMA(self.raw_model, optim_cfg.ema_decay) if optim_cfg.ema_decay > 0 else None
@@ -79,6 +103,9 @@ class Trainer:
         self._last_saved = -1
         self._last_eval: tuple[int, dict] = (-1, {})
         self._first_step = 0
+        self._stop_requested = False  # SIGTERM seen by this rank
+        self._waiting_for_data = False
+        self._data_pos: Optional[dict] = None  # the data position to save when a fetched step did not run
 
     # -- state -------------------------------------------------------------------------------
     def _model_state(self) -> dict:
@@ -94,20 +121,22 @@ class Trainer:
 
     def save(self) -> None:
         model_state, optim_state = self._model_state(), self._optim_state()  # collective under FSDP
+        ema_state = self.ema.state_dict() if self.ema else None  # collective under FSDP
         plain_rng, tensor_rng = ckpt.rng_state()
-        all_rng = [None] * self.d.world_size
+        # every rank's own data position: ranks read different shards, skip different samples
+        data = self._data_pos if self._data_pos is not None else self.loader.state_dict()
+        ranks = [None] * self.d.world_size
         if self.d.enabled:
-            dist.all_gather_object(all_rng, (plain_rng, tensor_rng))
+            dist.all_gather_object(ranks, (plain_rng, tensor_rng, data))
         else:
-            all_rng = [(plain_rng, tensor_rng)]
+            ranks = [(plain_rng, tensor_rng, data)]
         if self.d.is_main:
             train_state = {"optimizer": optim_state, "scheduler": self.sched.state_dict(),
-                           "rng": [t for _, t in all_rng]}
-            state = {"step": self.step, "data": self.loader.state_dict(), "rng": [p for p, _ in all_rng],
+                           "rng": [t for _, t, _ in ranks]}
+            state = {"step": self.step, "data": [x for _, _, x in ranks], "rng": [p for p, _, _ in ranks],
                      "nonfinite_total": self.nonfinite_total, "world_size": self.d.world_size,
                      "config": _jsonable(self.run_config)}
-            path = ckpt.save(self.ckpt_dir, self.step, model_state, train_state, state,
-                             self.ema.state_dict() if self.ema else None, self.cfg.keep_last)
+            path = ckpt.save(self.ckpt_dir, self.step, model_state, train_state, state, ema_state, self.cfg.keep_last)
             log.info("checkpoint -> %s", path)
         if self.d.enabled:
             dist.barrier()
@@ -129,7 +158,8 @@ class Trainer:
         self.sched.load_state_dict(train_state["scheduler"])
         if self.ema is not None and ema is not None:
             self.ema.load_state_dict(ema)
-        self.loader.load_state_dict(state["data"])
+        data = state["data"]  # one position per rank (a single dict in checkpoints of older versions)
+        self.loader.load_state_dict(data[self.d.rank] if isinstance(data, list) else data)
         ckpt.set_rng_state(state["rng"][self.d.rank], train_state["rng"][self.d.rank])
         self.step, self.nonfinite_total = state["step"], state.get("nonfinite_total", 0)
         self._first_step = self.step
@@ -138,6 +168,35 @@ class Trainer:
                  self.loader.epoch, self.loader.batches)
 
     # -- data ----------------------------------------------------------------------------------
+    def _fetch(self) -> Optional[list[dict]]:
+        """The step's micro-batches, or None when SIGTERM interrupted the wait for them. The position
+        before the fetch is kept: if the step does not run, that is the position a checkpoint saves."""
+        self._data_pos = self.loader.state_dict()
+        self._waiting_for_data = True
+        try:
+            if self._stop_requested:
+                return None
+            return [self._next_batch() for _ in range(self.optim_cfg.grad_accum)]
+        except Preempted:
+            self._batches = None  # a half-consumed iterator: shut its workers down
+            return None
+        finally:
+            self._waiting_for_data = False
+
+    def _on_sigterm(self, *_) -> None:
+        self._stop_requested = True
+        if self._waiting_for_data:  # a loader still looking for a sample must not make us deaf
+            raise Preempted()
+
+    def _agree_stop(self, local: bool) -> bool:
+        """True on every rank if any rank wants to stop (SIGTERM may reach only some ranks, or reach them
+        at different points of a step): the ranks then save one checkpoint together."""
+        if not self.d.enabled:
+            return local
+        flag = torch.tensor([int(local)], device=self.d.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     def _next_batch(self) -> dict:
         while True:
             if self._batches is None:
@@ -146,8 +205,10 @@ class Trainer:
                 return next(self._batches)
             except StopIteration:
                 if self.loader.batches == 0:
-                    raise RuntimeError("the data stream yielded no batch for a whole epoch: check data.sources "
-                                       "and the skip counts above") from None
+                    skipped = self.loader.skipped
+                    why = ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items(), key=lambda kv: -kv[1]))
+                    raise RuntimeError(f"the data stream yielded no batch for a whole epoch on rank {self.d.rank} "
+                                       f"(skipped: {why or 'nothing'}): check data.sources") from None
                 self.loader.set_epoch(self.loader.epoch + 1)
                 self._batches = None
 
@@ -183,6 +244,9 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self) -> dict:
+        """Train to ``train.steps``. SIGTERM on any rank (Slurm preemption, torchrun shutting down) makes
+        every rank stop after the current step, write one complete checkpoint together and return
+        ``preempted: True``; a requeued job continues with ``train.resume=latest``."""
         path = ckpt.resolve(self.cfg.resume, self.ckpt_dir)
         if path is not None:
             self.resume(path)
@@ -192,70 +256,93 @@ class Trainer:
         ctx = StepContext(self.model, self.d, self.cfg.precision)
         bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not (self.cfg.progress and self.d.is_main),
                    desc="train", unit="step", dynamic_ncols=True)
-        last_metrics: dict = {}
-        t_log, samples_since = time.time(), 0
-        stop = {"flag": False}
-        prev = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True)) if self.d.is_main else None
+        self._last_metrics: dict = {}
+        self._t_log, self._samples_since = time.time(), 0
+        prev = signal.signal(signal.SIGTERM, self._on_sigterm)
+        preempted = False
         try:
-            while self.step < self.cfg.steps and not stop["flag"]:
+            while self.step < self.cfg.steps:
                 t0 = time.time()
-                batches = [self._next_batch() for _ in range(self.optim_cfg.grad_accum)]
-                data_time = time.time() - t0
-                self.model.train()
-                metrics = self.task.train_step(self.model, batches, ctx)
-                sync_replicated_grads(self.model)
-                if self.step == self._first_step:
-                    self._check_all_params_used()
-                loss = all_reduce_mean(torch.tensor([metrics["loss"]], device=self.d.device)).item()
-                if not math.isfinite(loss):
-                    self._on_nonfinite(loss)
-                    continue
-                self.nonfinite_run = 0
-                if self.optim_cfg.grad_clip > 0:
-                    gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.grad_clip)
-                    metrics["grad_norm"] = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
-                self.opt.step()
-                self.sched.step()
-                self.opt.zero_grad(set_to_none=True)
-                self.task.after_step(unwrap(self.model))
-                if self.ema:
-                    self.ema.update(self.raw_model)
-                self.step += 1
-                samples_since += sum(len(b.get("keys", [])) for b in batches) * self.d.world_size
-                metrics.update(loss=loss, lr=self.sched.get_last_lr()[0], data_time=data_time,
-                               skipped_samples=sum(self.loader.skipped.values()), nonfinite_steps=self.nonfinite_total)
-                last_metrics = metrics
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{metrics['lr']:.2e}")
-                if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
-                    dt = time.time() - t_log
-                    metrics["samples_per_s"] = samples_since / max(dt, 1e-9)
-                    t_log, samples_since = time.time(), 0
-                    self._log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-                              | {f"skipped/{k}": v for k, v in self.loader.skipped.items()})
-                if self.cfg.save_every and self.step % self.cfg.save_every == 0:
-                    self.save()
-                if self.eval_fn and self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
-                    self._eval()
-            if stop["flag"]:
-                log.warning("SIGTERM: saving a checkpoint at step %d and stopping", self.step)
+                batches = self._fetch()
+                if self._agree_stop(batches is None or self._stop_requested):
+                    preempted = True
+                    break
+                self._data_pos = None  # the fetched batches are this step's: the loader's position is saved
+                self._train_step(batches, ctx, time.time() - t0, bar)
+            if preempted:
+                log.warning("SIGTERM: every rank stops at step %d and saves a checkpoint", self.step)
             if self._last_saved != self.step:
                 self.save()
-            results = {} if not self.eval_fn else (
-                self._last_eval[1] if self._last_eval[0] == self.step else self._eval())
+            results = {}
+            if self.eval_fn and not preempted:
+                results = self._last_eval[1] if self._last_eval[0] == self.step else self._eval()
         finally:
             bar.close()
-            if prev is not None:
-                signal.signal(signal.SIGTERM, prev)
+            signal.signal(signal.SIGTERM, prev)
+            self._batches = None
             if self.writer:
                 self.writer.close()
             if self.wandb:
                 self.wandb.finish()
-        return {"step": self.step, "metrics": last_metrics, "eval": results}
+        return {"step": self.step, "metrics": self._last_metrics, "eval": results, "preempted": preempted}
+
+    def _train_step(self, batches: list[dict], ctx: StepContext, data_time: float, bar) -> None:
+        self.model.train()
+        metrics = self.task.train_step(self.model, batches, ctx)
+        sync_replicated_grads(self.model)
+        if self.step == self._first_step:
+            self._check_all_params_used()
+        loss = all_reduce_mean(torch.tensor([metrics["loss"]], device=self.d.device)).item()
+        if self.optim_cfg.grad_clip > 0 and math.isfinite(loss):
+            metrics["grad_norm"] = clip_grad_norm(list(self.model.parameters()), self.optim_cfg.grad_clip)
+            if not math.isfinite(metrics["grad_norm"]):
+                loss = metrics["grad_norm"]  # a finite loss with non-finite gradients: skip the step too
+        if not math.isfinite(loss):
+            self._on_nonfinite(loss)
+            return
+        self.nonfinite_run = 0
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.task.after_step(unwrap(self.model))
+        if self.ema:
+            self.ema.update(self.raw_model)
+        self.step += 1
+        self._samples_since += sum(len(b.get("keys", [])) for b in batches) * self.d.world_size
+        metrics.update(loss=loss, lr=self.sched.get_last_lr()[0], data_time=data_time,
+                       skipped_samples=sum(self.loader.skipped.values()), nonfinite_steps=self.nonfinite_total)
+        self._last_metrics = metrics
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{metrics['lr']:.2e}")
+        if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
+            dt = time.time() - self._t_log
+            metrics["samples_per_s"] = self._samples_since / max(dt, 1e-9)
+            self._t_log, self._samples_since = time.time(), 0
+            self._log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+                      | {f"skipped/{k}": v for k, v in self.loader.skipped.items()})
+        if self.cfg.save_every and self.step % self.cfg.save_every == 0:
+            self.save()
+        if self.eval_fn and self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
+            self._eval()
+
+    def _eval_model_now(self) -> Optional[nn.Module]:
+        """The model rank 0 evaluates: the training model itself, or under FSDP2 an unsharded copy loaded
+        with the gathered weights (FSDP's parameters are shards outside its own forward; methods such as
+        encode_image bypass its hooks). Every rank must call this (the gather is a collective)."""
+        if not (self.cfg.parallel == "fsdp" and self.d.enabled):
+            return unwrap(self.model)
+        state = self._model_state()
+        if not self.d.is_main:
+            return None
+        if self._eval_model is None:
+            self._eval_model = self.eval_model_fn()
+        self._eval_model.load_state_dict(state, strict=True)
+        return self._eval_model.to(self.d.device)
 
     def _eval(self) -> dict:
-        model = unwrap(self.model)
-        model.eval()
+        model = self._eval_model_now()
+        if model is not None:
+            model.eval()
         with torch.no_grad():
             results = self.eval_fn(model, self.step) if self.d.is_main else {}
         if self.d.is_main and results:

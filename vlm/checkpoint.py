@@ -89,21 +89,49 @@ def save(folder: str | Path, step: int, model_state: dict, train_state: dict, st
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / "model.safetensors")
+    save_file(_unshared(model_state), tmp / "model.safetensors")
     if ema_state is not None:
-        save_file({k: v.detach().contiguous().cpu() for k, v in ema_state.items()}, tmp / "ema.safetensors")
+        save_file(_unshared(ema_state), tmp / "ema.safetensors")
     torch.save(train_state, tmp / "train_state.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    for name in ("model.safetensors", "ema.safetensors", "train_state.pt", "state.json"):
+        if (tmp / name).exists():
+            _fsync(tmp / name)  # the data on disk before COMPLETE says it is
     with open(tmp / "COMPLETE", "w") as f:
         f.write(str(step))
         f.flush()
         os.fsync(f.fileno())
+    _fsync(tmp)  # the folder's entries
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    _fsync(folder)  # the rename itself
     for old in list_checkpoints(folder)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _unshared(state: dict) -> dict:
+    """CPU, contiguous tensors with no two sharing memory (tied weights, e.g. an LLM's input embedding
+    and its head, are one tensor under two names: safetensors refuses that, so later names get a copy)."""
+    out, seen = {}, set()
+    for k, v in state.items():
+        t = v.detach().contiguous().cpu()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen and t.numel():
+            t = t.clone()
+        seen.add(ptr)
+        out[k] = t
+    return out
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load(path: str | Path) -> tuple[dict, dict, dict, Optional[dict]]:

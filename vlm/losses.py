@@ -102,7 +102,10 @@ def concept_align_loss(patches: torch.Tensor, concept_emb: torch.Tensor, positiv
         return F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), reduction="sum")
 
     all_p = torch.cat([all_p[:p_off], patches, all_p[p_off + B:]])  # own images keep their gradient
-    own = bce(concept_emb, all_p, positives[c_off:c_off + C], scale, logit_bias) if C else patches.sum() * 0
+    if C:
+        own = bce(concept_emb, all_p, positives[c_off:c_off + C], scale, logit_bias)
+    else:  # this rank encodes no concept: scale and bias still take part (zero gradient), or DDP would wait
+        own = patches.sum() * 0 + (scale + logit_bias) * 0
     others = torch.cat([all_c[:c_off], all_c[c_off + C:]])
     if others.shape[0]:
         other_pos = torch.cat([positives[:c_off], positives[c_off + C:]])[:, p_off:p_off + B]

@@ -8,8 +8,9 @@
 
 ``set_attention(model, impl)`` swaps every nn.MultiheadAttention for ``DispatchMHA``, a subclass
 with the same parameters (so state dicts, exports and checkpoints are unchanged) whose forward
-routes through the chosen kernel. Attention masks are supported by sdpa and eager; the towers'
-causal text mask is passed as a float mask.
+routes through the chosen kernel. The text towers' causal mask (a float (T, T) mask, -inf above the
+diagonal) is recognised and run as each kernel's own causal mode (sdpa ``is_causal``, xformers
+``LowerTriangularMask``, flash-attention ``causal=True``); other masks are supported by sdpa and eager.
 """
 from __future__ import annotations
 
@@ -23,27 +24,52 @@ import torch.nn.functional as F
 IMPLS = ("sdpa", "eager", "xformers", "flash_attention_2")
 
 
+def is_causal_mask(mask: Optional[torch.Tensor], t: int) -> bool:
+    """Whether ``mask`` is the plain causal mask of length ``t``: float (T, T), -inf strictly above the
+    diagonal and 0 elsewhere (what open_clip's text transformers pass), or bool (T, T) keeping the
+    lower triangle. O(T^2) elementwise, negligible beside the attention itself."""
+    if mask is None or mask.shape != (t, t):
+        return False
+    upper = torch.ones(t, t, dtype=torch.bool, device=mask.device).triu(1)
+    if mask.dtype == torch.bool:  # True = keep
+        return bool((mask == ~upper).all())
+    return bool((mask[upper] == float("-inf")).all() and (mask[~upper] == 0).all())
+
+
+def _gpu_extra(impl: str, module: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ValueError(f"attn_impl={impl} needs {module.split('.')[0]} (pip install -e .[gpu], CUDA only); "
+                         "use attn_impl=sdpa (it runs flash kernels on GPUs)") from None
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "sdpa",
-              mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """q, k, v: (B, H, T, d) -> (B, H, T, d). mask: additive float (T, T) / (B, H, T, T), or bool (True = keep)."""
+              mask: Optional[torch.Tensor] = None, causal: bool = False) -> torch.Tensor:
+    """q, k, v: (B, H, T, d) -> (B, H, T, d). mask: additive float (T, T) / (B, H, T, T), or bool (True = keep);
+    ``causal``: causal attention without a mask (each kernel's own causal mode)."""
     if impl == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
     if impl == "eager":
         scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+        if causal and mask is None:
+            T = q.shape[-2]
+            mask = ~torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
         return scores.softmax(dim=-1) @ v
     if mask is not None:
-        raise ValueError(f"attention impl {impl} is used here without masks; use sdpa for masked attention")
+        raise ValueError(f"attention impl {impl} runs unmasked or causal attention only; use sdpa for other masks")
     if impl == "xformers":
-        import xformers.ops as xops
-
-        out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        xops = _gpu_extra(impl, "xformers.ops")
+        bias = xops.LowerTriangularMask() if causal else None
+        out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias)
         return out.transpose(1, 2)
     if impl == "flash_attention_2":
-        from flash_attn import flash_attn_func
-
-        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        flash_attn = _gpu_extra(impl, "flash_attn")
+        out = flash_attn.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)
         return out.transpose(1, 2)
     raise ValueError(f"unknown attention implementation {impl!r}; choose from {IMPLS}")
 
@@ -67,7 +93,8 @@ class DispatchMHA(nn.MultiheadAttention):
         mask = attn_mask.to(q.dtype) if attn_mask is not None and attn_mask.dtype != torch.bool else attn_mask
         if mask is not None and mask.dtype == torch.bool:
             mask = ~mask  # nn.MultiheadAttention: True = masked out; ours: True = keep
-        out = attention(q, k, v, self.impl, mask).transpose(1, 2).reshape(B, T, C)
+        causal = is_causal or is_causal_mask(mask, T)
+        out = attention(q, k, v, self.impl, None if causal else mask, causal).transpose(1, 2).reshape(B, T, C)
         out = self.out_proj(out)
         return (out if self.batch_first else out.transpose(0, 1)), None
 

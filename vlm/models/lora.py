@@ -42,11 +42,17 @@ def inject_lora(model: nn.Module, prefix: str, pattern: str, r: int, alpha: int,
     targets = [n for n, m in model.named_modules() if n.startswith(prefix) and isinstance(m, nn.Linear) and rx.match(n)]
     if not targets:
         raise ValueError(f"adapter target {pattern!r} matched no nn.Linear under {prefix!r}")
-    before = {id(p) for p in model.parameters()}
+    # peft marks every non-adapter parameter of the *whole* model frozen; what trains outside the
+    # tower (a projector, the other tower, logit scales) must keep the flag it had before
+    before = {id(p): p.requires_grad for p in model.parameters()}
     inject_adapter_in_model(peft_config(method, targets, r, alpha, dropout), model, adapter_name=adapter_name)
-    for n, p in model.named_parameters():  # within the tower only the new adapter parameters train
-        if n.startswith(prefix):
-            p.requires_grad = id(p) not in before
+    for n, p in model.named_parameters():
+        if id(p) not in before:  # a new adapter parameter
+            p.requires_grad = True
+        elif n.startswith(prefix):  # the tower's own weights: frozen under the adapters
+            p.requires_grad = False
+        else:
+            p.requires_grad = before[id(p)]
     return len(targets)
 
 

@@ -173,18 +173,19 @@ def vision_param_used(name: str, config) -> bool:
     return not any(k in name for k in ("post_layernorm", "head."))
 
 
-def freeze_for_stage(model, stage: int, train_vision: bool = False) -> None:
-    """Stage 1: only the projector trains. Stage 2: projector + LLM (+ the vision tower if asked)."""
+def freeze_for_stage(model, stage: int, train_vision: bool = False, train_llm: bool = True) -> None:
+    """Stage 1: only the projector trains. Stage 2: projector + LLM (+ the vision tower if asked);
+    ``train_llm=False`` keeps the whole LLM (decoder, embeddings, head) frozen for adapters to train on."""
     for p in model.parameters():
         p.requires_grad = False
     for p in model.model.multi_modal_projector.parameters():
         p.requires_grad = True
-    if stage >= 2:  # (a quantized LLM's integer weights stay frozen: its adapters train)
+    if stage >= 2 and train_llm:  # (a quantized LLM's integer weights stay frozen: its adapters train)
         for p in [*model.model.language_model.parameters(), *model.lm_head.parameters()]:
             p.requires_grad = p.is_floating_point()
-        if train_vision:  # the layers the projector reads; the later ones and the pooling head are unused
-            for name, p in model.model.vision_tower.named_parameters():
-                p.requires_grad = vision_param_used(name, model.config)
+    if stage >= 2 and train_vision:  # the layers the projector reads; the later ones and the pooling head are unused
+        for name, p in model.model.vision_tower.named_parameters():
+            p.requires_grad = vision_param_used(name, model.config)
 
 
 def load_vision_tower(source: str | Path):
@@ -274,6 +275,7 @@ def assistant_from_config(model_cfg: dict, image_token: str = "<image>"):
     if model_cfg.get("llm"):
         check_hf_source(str(model_cfg["llm"]), "LLM")
     tokenizer = AutoTokenizer.from_pretrained(tok_source, trust_remote_code=False)
+    add_image_token(tokenizer, image_token)
     vision = load_vision_tower(model_cfg["vision"])
     llm = build_llm(model_cfg.get("llm"), model_cfg.get("llm_config") or {}, tokenizer,
                     model_cfg.get("attn_impl", "sdpa"), model_cfg.get("llm_quantize", "none"))
@@ -285,6 +287,17 @@ def assistant_from_config(model_cfg: dict, image_token: str = "<image>"):
         inject_lora(model, "model.language_model.", lora["target"], lora["r"], lora["alpha"], lora.get("dropout", 0.0),
                     method=lora.get("method", "lora"))
     return model, tokenizer
+
+
+def add_image_token(tokenizer, image_token: str = "<image>") -> bool:
+    """Give a stock LLM tokenizer (Mistral, Llama, Qwen2: none has one) the image placeholder as a special
+    token, as LLaVA does; the LLM's embeddings grow to match in ``build_llm``. Deterministic (the next
+    free id), so rebuilding from the same source gives the same id. Returns whether it was added."""
+    if tokenizer.convert_tokens_to_ids(image_token) not in (None, tokenizer.unk_token_id):
+        return False
+    tokenizer.add_special_tokens({"additional_special_tokens": [image_token]}, replace_extra_special_tokens=False)
+    log.info("added %s to the tokenizer as special token %d", image_token, tokenizer.convert_tokens_to_ids(image_token))
+    return True
 
 
 def load_assistant(path: str | Path):
