@@ -1,7 +1,7 @@
 """Run a list of benchmarks from one config and write one summary beside the published anchors.
 
-    python -m eval.suite --config configs/suite/demo.yaml [key=value ...]
-    torchrun --nproc_per_node 8 -m eval.suite --config configs/suite/real.yaml checkpoint=runs/stage2
+    python -m eval.suite --config configs/demo/suite.yaml [key=value ...]
+    torchrun --nproc_per_node 8 -m eval.suite --config configs/suite/medical.yaml checkpoint=runs/llava_med_7b_lora
 
 For each benchmark: generate the answers with the checkpoint (sharded over torchrun ranks,
 resumable: answers already in the predictions file are kept) unless the entry names existing
