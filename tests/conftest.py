@@ -40,6 +40,17 @@ def synth_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny32(tmp_path_factory) -> Path:
+    """tiny-vit-text at 32 px (patch 8) with a 32-token context: the smallest train.clip model."""
+    arch = json.loads((REPO / "configs/model/tiny-vit-text.json").read_text())
+    arch["vision_cfg"].update(image_size=32, patch_size=8)
+    arch["text_cfg"]["context_length"] = 32
+    p = tmp_path_factory.mktemp("arch") / "tiny32.json"
+    p.write_text(json.dumps(arch))
+    return p
+
+
 def kill_after_checkpoint(cmd: list[str], env: dict, checkpoint: Path, timeout: float = 120) -> None:
     """Start ``cmd``, SIGKILL it as soon as ``checkpoint`` is complete (mid-run, no clean-up)."""
     import signal

@@ -6,23 +6,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, kill_after_checkpoint
-
-
-@pytest.fixture(scope="module")
-def tiny32(tmp_path_factory) -> Path:
-    arch = json.loads((REPO / "configs/model/tiny-vit-text.json").read_text())
-    arch["vision_cfg"].update(image_size=32, patch_size=8)
-    arch["text_cfg"]["context_length"] = 32
-    p = tmp_path_factory.mktemp("arch") / "tiny32.json"
-    p.write_text(json.dumps(arch))
-    return p
 
 
 def args_for(synth_dir, tiny32, out, steps=20, extra=()):

@@ -188,6 +188,9 @@ def test_lora_stage2_trains_projector_and_adapters_only(assets, synth_dir, tiny_
     assert proj and proj <= moved
     assert adapters and adapters <= moved
     assert moved == proj | adapters, sorted(moved - proj - adapters)[:5]
+    # fp32 master weights for what trains (adapters included); the frozen base LLM stays as stored (bf16)
+    assert all(w2[k].dtype == torch.float32 for k in proj | adapters)
+    assert w2["model.language_model.layers.0.mlp.up_proj.base_layer.weight"].dtype == torch.bfloat16
 
 
 def test_fsdp_full_finetuning_of_a_bf16_llm(assets, synth_dir, tiny_mistral, tmp_path):

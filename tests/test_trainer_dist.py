@@ -19,16 +19,6 @@ from conftest import REPO, free_port
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module")
-def tiny32(tmp_path_factory) -> Path:
-    arch = json.loads((REPO / "configs/model/tiny-vit-text.json").read_text())
-    arch["vision_cfg"].update(image_size=32, patch_size=8)
-    arch["text_cfg"]["context_length"] = 32
-    p = tmp_path_factory.mktemp("arch") / "tiny32.json"
-    p.write_text(json.dumps(arch))
-    return p
-
-
 def clip_args(synth_dir, tiny32, out, steps, extra=()):
     z = synth_dir / "eval/zeroshot"
     return ["--config", str(REPO / "configs/clip/demo.yaml"), f"model.name={tiny32}",
