@@ -102,6 +102,22 @@ def test_masking_on_every_tokenizer_family(family, system):
     assert sum(len(r) for r in runs) == sum(1 for x in labels if x != IGNORE)
 
 
+@pytest.mark.parametrize("family", ["llama2", "mistral", "gemma", "phi3"])
+@pytest.mark.parametrize("answer", ["  Yes  \n", "Ödem, links.", "?", "[/INST] no"])
+def test_masking_of_awkward_answers(family, answer):
+    """Whitespace around an answer, characters only the byte fallback spells, punctuation, a template marker
+    inside the answer: the labels are still exactly the (stripped) answer and the end-of-turn token (an
+    unknown character never counts as the end of a turn)."""
+    from vlm.models.tiny import family as fam_of, train_tokenizer
+
+    tok = train_tokenizer(family)
+    conv = [{"from": "human", "value": "<image>\nWhat is seen?"}, {"from": "gpt", "value": answer}]
+    ids, labels = encode(normalize_conversation(conv, 1), tok, ChatConfig(), image_seq_len=2)
+    (run,) = labelled_runs(ids, labels)
+    assert run[-1] == tok.convert_tokens_to_ids(fam_of(family).end_of_turn)
+    assert tok.decode(run[:-1]).strip() == answer.strip()
+
+
 def test_plain_template_for_stage1():
     tok = make_tokenizer(None)
     cfg = ChatConfig(template="plain")

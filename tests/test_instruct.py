@@ -196,7 +196,9 @@ def test_lora_stage2_trains_projector_and_adapters_only(assets, synth_dir, tiny_
 def test_fsdp_full_finetuning_of_a_bf16_llm(assets, synth_dir, tiny_mistral, tmp_path):
     """llava_med_7b_full.yaml as shipped (FSDP2, bf16, lr 2e-5 with its warmup; model shrunk to a bf16-stored
     Mistral) on 2 processes: no dtype crash, fp32 master weights, and after two steps more than 90% of the
-    LLM's weight elements changed (in pure bf16 such updates round away)."""
+    LLM's weight elements changed (in pure bf16 such updates round away). The input embedding is left out of
+    the count: only the rows of tokens in the two steps' batches get a gradient at all, and at this size it
+    is a fifth of the LLM (at 7B, 2%)."""
     from conftest import torchrun
 
     out = tmp_path / "full"
@@ -208,7 +210,7 @@ def test_fsdp_full_finetuning_of_a_bf16_llm(assets, synth_dir, tiny_mistral, tmp
               for k, v in load_file(tiny_mistral / "model.safetensors").items()}
     assert all(v.dtype == torch.bfloat16 for v in before.values())
     after = load_file(out / "checkpoints/step_00000002/model.safetensors")
-    llm = {k: v for k, v in after.items() if k in before}
+    llm = {k: v for k, v in after.items() if k in before and "embed_tokens" not in k}
     assert llm and all(v.dtype == torch.float32 for v in llm.values())
     changed = sum(int((before[k].float() != v).sum()) for k, v in llm.items()) / sum(v.numel() for v in llm.values())
     assert changed > 0.9, changed

@@ -51,7 +51,8 @@ class ClipTask:
     every micro-batch are computed once without gradients, then each micro-batch is recomputed
     with gradients and put back into the full feature matrices (open_clip's approach). Shared
     parameters that the loss uses directly (logit scales and biases, concept embeddings) get their
-    gradient from the first pass only, so the summed gradient equals the large batch's exactly.
+    gradient from one micro-batch only, the last (the one whose backward DDP synchronises: every trainable
+    parameter must take part in it), so the summed gradient equals the large batch's exactly.
     """
 
     def __init__(self, cfg: ClipRunConfig, tokenizer):
@@ -96,7 +97,7 @@ class ClipTask:
                 out = self._features(model, batches[0], device, ctoks)
                 concept_emb = out.get("concept_features")
                 loss, parts = self._loss(raw, out, out["image_features"], out["text_features"],
-                                         out.get("image_patches"), concept_emb, positives, first=True)
+                                         out.get("image_patches"), concept_emb, positives, live=True)
             loss.backward()
             return {k: float(v) for k, v in parts.items()} | {"logit_scale": float(out["logit_scale"].detach())}
         with torch.no_grad(), ctx.autocast():  # pass 1: every micro-batch's features, no graph
@@ -106,27 +107,29 @@ class ClipTask:
         pat = [c.get("image_patches") for c in cached]
         total: dict = {}
         for j, b in enumerate(batches):  # pass 2: one micro-batch with gradients at a time
-            with ctx.no_sync(last=j == len(batches) - 1), ctx.autocast():
+            last = j == len(batches) - 1
+            with ctx.no_sync(last=last), ctx.autocast():
                 out = self._features(model, b, device, ctoks)
                 img_j, txt_j, pat_j = list(img), list(txt), list(pat)
                 img_j[j], txt_j[j], pat_j[j] = out["image_features"], out["text_features"], out.get("image_patches")
                 concept_emb = out.get("concept_features")
-                if concept_emb is not None and j > 0:
+                if concept_emb is not None and not last:
                     concept_emb = concept_emb.detach()
                 loss, parts = self._loss(raw, out, torch.cat(img_j), torch.cat(txt_j),
                                          torch.cat(pat_j) if self.concepts else None, concept_emb, positives,
-                                         first=j == 0)
+                                         live=last)
                 loss.backward()
             if j == 0:
                 total = {k: float(v) for k, v in parts.items()}
         return total | {"logit_scale": float(cached[0]["logit_scale"])}
 
-    def _loss(self, raw, out, img, txt, patches, concept_emb, positives, first: bool):
-        scale = out["logit_scale"] if first else out["logit_scale"].detach()
+    def _loss(self, raw, out, img, txt, patches, concept_emb, positives, live: bool):
+        """``live``: this micro-batch carries the gradient of the shared scales and biases."""
+        scale = out["logit_scale"] if live else out["logit_scale"].detach()
         if self.cfg.loss.kind == "clip":
             contrastive = self.contrastive(img, txt, scale)
         else:
-            bias = out["logit_bias"] if first else out["logit_bias"].detach()
+            bias = out["logit_bias"] if live else out["logit_bias"].detach()
             contrastive = self.contrastive(img, txt, scale, bias)
         parts = {"loss_contrastive": contrastive.detach()}
         loss = contrastive
@@ -135,8 +138,8 @@ class ClipTask:
             loss = loss + 0.0 * (raw.concept_logit_scale + raw.concept_logit_bias)
             parts["loss_concept"] = torch.zeros(())
         if positives is not None:
-            cscale = raw.concept_logit_scale if first else raw.concept_logit_scale.detach()
-            cbias = raw.concept_logit_bias if first else raw.concept_logit_bias.detach()
+            cscale = raw.concept_logit_scale if live else raw.concept_logit_scale.detach()
+            cbias = raw.concept_logit_bias if live else raw.concept_logit_bias.detach()
             if concept_emb is None:  # this rank has no concept, others do: still take part
                 concept_emb = patches.new_zeros((0, patches.shape[-1]))
             concept = concept_align_loss(patches, concept_emb, positives, cscale, cbias)
@@ -151,9 +154,12 @@ class ClipTask:
 
 
 def apply_lora(model: MedCLIP, tower: str, cfg: LoraConfig) -> int:
-    """LoRA (peft) on the linears of one tower; returns how many modules got an adapter."""
-    return inject_lora(model, model.tower_prefix(tower), cfg.target, cfg.r, cfg.alpha, cfg.dropout,
-                       adapter_name=f"lora_{tower}", method=cfg.method)
+    """LoRA (peft) on the linears of one tower, the rest of the tower (its embeddings, norms and projection
+    too) frozen under the adapters; returns how many modules got an adapter."""
+    n = inject_lora(model, model.tower_prefix(tower), cfg.target, cfg.r, cfg.alpha, cfg.dropout,
+                    adapter_name=f"lora_{tower}", method=cfg.method)
+    model.freeze_tower(tower, keep=lambda name: f".lora_{tower}" in name or f"lora_{tower}." in name)
+    return n
 
 
 def build_model(cfg: ClipRunConfig) -> MedCLIP:
@@ -180,6 +186,9 @@ def build_model(cfg: ClipRunConfig) -> MedCLIP:
         model.concept_logit_bias.requires_grad_(False)
     if cfg.loss.kind == "clip" and model.logit_bias is not None:
         model.logit_bias.requires_grad_(False)
+    if cfg.loss.kind == "siglip" and model.logit_bias is None:
+        raise ValueError(f"loss.kind=siglip needs a learnable logit bias, and architecture {m.name} has none: set "
+                         "\"init_logit_bias\": -10 in its JSON (as configs/model/vit-b16-siglip-pubmedbert.json)")
     set_attention(model, m.attn_impl)
     return model
 

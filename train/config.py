@@ -31,10 +31,10 @@ class ClipModelConfig:
     pretrained: Optional[str] = None  # model.safetensors of ours or of an open_clip export folder
     attn_impl: str = "sdpa"  # sdpa | eager | xformers | flash_attention_2 (the last two: GPU extras)
     grad_checkpointing: bool = False
-    lock_image: bool = False
-    lock_image_unlocked_groups: int = 0  # with lock_image: keep the last N layer groups trainable
-    lock_text: bool = False
-    lock_text_unlocked_layers: int = 0
+    lock_image: bool = False  # freeze the image tower, its projection into the joint space included
+    lock_image_unlocked_groups: int = 0  # with lock_image: keep the last N of open_clip's layer groups trainable
+    lock_text: bool = False  # freeze the text tower (embeddings, layers, final norm, projection)
+    lock_text_unlocked_layers: int = 0  # with lock_text: keep the last N of open_clip's layer groups trainable
     lora_image: LoraConfig = field(default_factory=LoraConfig)
     lora_text: LoraConfig = field(default_factory=LoraConfig)
 

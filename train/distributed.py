@@ -73,12 +73,13 @@ def parallelize(model: nn.Module, d: Dist, parallel: str = "ddp", shard_modules:
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if precision == "bf16" else MixedPrecisionPolicy()
         # FSDP2 cannot shard 0-dim parameters (logit scales and biases): they stay replicated, and
-        # sync_replicated_grads averages their gradients like DDP would
-        scalars = {p for p in model.parameters() if p.ndim == 0}
+        # sync_replicated_grads averages their gradients like DDP would. A list in named order: every rank
+        # must all-reduce them in the same order (a set's order is its members' memory addresses)
+        scalars = [p for _, p in model.named_parameters() if p.ndim == 0]
         for m in model.modules():
             if shard_modules and isinstance(m, shard_modules):
-                fully_shard(m, ignored_params=scalars, mp_policy=mp)
-        fully_shard(model, ignored_params=scalars, mp_policy=mp)
+                fully_shard(m, ignored_params=set(scalars), mp_policy=mp)
+        fully_shard(model, ignored_params=set(scalars), mp_policy=mp)
         model._replicated_params = [p for p in scalars if p.requires_grad]
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP

@@ -51,29 +51,42 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg, total_steps: int) -> torch.
 
 
 class EMA:
-    """Exponential moving average of a model's floating-point state (weights and buffers), in fp32.
+    """Exponential moving average of a model's trainable weights, in fp32.
 
-    Under FSDP2 the model's state dict holds DTensor shards: the shadow then holds the same shards
-    (each rank averages its own, no communication per step). ``state_dict()`` gathers full tensors
-    (a collective: every rank calls it; the values are complete on every rank), so the saved EMA has
-    the model's shapes and loads anywhere the model does; ``load_state_dict`` takes full tensors and
-    shards them like the model's."""
+    Frozen weights never change, so their average is themselves: only trainable parameters are shadowed
+    (a LoRA run keeps no fp32 copy of its frozen 7B base). Under FSDP2 the parameters are DTensor shards and
+    the shadow holds the same shards (each rank averages its own, no communication per step).
+    ``state_dict(model_state, main)`` is the whole model's state with the averaged weights in place (the
+    names and shapes of ``model.safetensors``, tied aliases included), so it loads wherever the model
+    does; under FSDP2 it gathers one tensor at a time and only ``main`` keeps them."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
-        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items() if v.is_floating_point()}
+        self.shadow = {n: p.detach().clone().float() for n, p in model.named_parameters() if p.requires_grad}
+        canonical = {id(p): n for n, p in model.named_parameters()}
+        self.aliases = {n: canonical[id(p)] for n, p in model.named_parameters(remove_duplicate=False)
+                        if canonical[id(p)] != n and canonical[id(p)] in self.shadow}  # tied weights
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for k, v in model.state_dict().items():
-            if k in self.shadow:
-                self.shadow[k].lerp_(v.detach().float(), 1 - self.decay)
+        params = dict(model.named_parameters())
+        for n, s in self.shadow.items():
+            s.lerp_(params[n].detach().float(), 1 - self.decay)
 
-    def state_dict(self) -> dict:
-        """Full (unsharded) fp32 tensors on the CPU, keyed like the model's state dict."""
+    def state_dict(self, model_state: dict, main: bool = True) -> dict:
+        """``model_state``: the model's full state dict (on ``main``; every rank must call this under FSDP2,
+        since gathering a shard is a collective) -> it with the averaged weights, on ``main``; {} elsewhere."""
         from torch.distributed.tensor import DTensor
 
-        return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu() for k, v in self.shadow.items()}
+        out = dict(model_state) if main else {}
+        for n, v in self.shadow.items():
+            full = v.full_tensor() if isinstance(v, DTensor) else v
+            if main:
+                out[n] = full.detach().cpu()
+        for alias, n in self.aliases.items():
+            if main:
+                out[alias] = out[n]
+        return out
 
     def load_state_dict(self, state: dict) -> None:
         from torch.distributed.tensor import DTensor, distribute_tensor

@@ -42,6 +42,8 @@ def parse(argv):
     p.add_argument("--max-batch-size", type=int, default=0, help="cap data.batch_size (0: as shipped)")
     p.add_argument("--max-workers", type=int, default=-1, help="cap data.num_workers (-1: as shipped)")
     p.add_argument("--steps", type=int, default=2, help="steps before the checkpoint (one more after the resume)")
+    p.add_argument("--max-skipped-fraction", type=float, default=0.5,
+                   help="fail if more than this fraction of the samples read is skipped (default 0.5)")
     p.add_argument("--workdir", help="where the tiny models, the run and the report go (default: a temporary "
                    "folder, removed afterwards)")
     p.add_argument("--report", help="also write the report as JSON here")
@@ -62,6 +64,7 @@ def prepare(args, d):
     if d.is_main:
         work = Path(args.workdir or tempfile.mkdtemp(prefix="rehearse-")).resolve()
         work.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(work / "run", ignore_errors=True)  # a reused --workdir: never resume an older rehearsal
         try:
             r = shrink_clip(cfg, work, args.synthetic_data) if kind == "clip" else \
                 shrink_instruct(cfg, work, args.synthetic_data, args.llm_family)
@@ -80,6 +83,8 @@ def prepare(args, d):
             box = [(r, str(work), None)]
         except ValueError as e:  # every rank must learn of it, not hang in the broadcast
             box = [(None, str(work), str(e))]
+            if not args.workdir:
+                shutil.rmtree(work, ignore_errors=True)
     if d.enabled:
         dist.broadcast_object_list(box, src=0)
     r, work, error = box[0]
@@ -99,7 +104,7 @@ def main(argv=None) -> int:
     work = None
     try:
         r, work = prepare(args, d)
-        checks = run(r, d, args.steps)
+        checks = run(r, d, args.steps, args.max_skipped_fraction)
         if d.is_main:
             text = report(args.config, r, d, checks)
             print(text, flush=True)

@@ -11,7 +11,9 @@ import contextlib
 import json
 import logging
 import math
+import os
 import signal
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -64,6 +66,49 @@ class Preempted(BaseException):
     """Raised by the SIGTERM handler while the loop waits for data (a loader still looking for a sample).
     A BaseException, like KeyboardInterrupt, so that no ``except Exception`` on the way (image decoding in
     the main process) can swallow it."""
+
+
+class StopWatch:
+    """Makes a SIGTERM that reached some ranks reach all of them, even a rank whose loader is still looking for a
+    sample (it never gets to the per-step agreement). The rank that saw the signal posts a key in the process
+    group's store; every rank polls it each second from a thread and, when it appears, stops too (a rank
+    waiting for data is interrupted by a SIGTERM to itself, which raises Preempted there)."""
+
+    fits = 0  # one key per Trainer.fit, numbered alike on every rank (they build trainers in the same order)
+
+    def __init__(self, trainer: "Trainer"):
+        self.trainer, self.done = trainer, threading.Event()
+        StopWatch.fits += 1
+        self.key = f"medvlm/stop/{StopWatch.fits}"
+        try:
+            from torch.distributed.distributed_c10d import _get_default_store
+
+            self.store = _get_default_store()
+        except Exception as e:  # no store to share the flag through: every rank must then get the signal
+            log.warning("no process-group store (%s): SIGTERM must reach every rank to stop the run", e)
+            self.store = None
+        self.thread = threading.Thread(target=self._watch, name="medvlm-stop-watch", daemon=True)
+        if self.store is not None:
+            self.thread.start()
+
+    def _watch(self) -> None:
+        t, posted = self.trainer, False
+        while not self.done.wait(1.0):
+            try:
+                if t._stop_requested and not posted:
+                    self.store.set(self.key, str(t.d.rank))
+                    posted = True
+                elif not t._stop_requested and self.store.check([self.key]):
+                    t._stop_requested = True
+                    if t._waiting_for_data:
+                        os.kill(os.getpid(), signal.SIGTERM)  # interrupt the wait (the handler raises Preempted)
+            except Exception:  # the store is gone (shutdown): nothing left to watch
+                return
+
+    def close(self) -> None:
+        self.done.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=5)
 
 
 class Trainer:
@@ -121,7 +166,7 @@ class Trainer:
 
     def save(self) -> None:
         model_state, optim_state = self._model_state(), self._optim_state()  # collective under FSDP
-        ema_state = self.ema.state_dict() if self.ema else None  # collective under FSDP
+        ema_state = self.ema.state_dict(model_state, self.d.is_main) if self.ema else None  # collective under FSDP
         plain_rng, tensor_rng = ckpt.rng_state()
         # every rank's own data position: ranks read different shards, skip different samples
         data = self._data_pos if self._data_pos is not None else self.loader.state_dict()
@@ -154,7 +199,10 @@ class Trainer:
             ckpt.check_weights(unwrap(self.model), model_state, str(path))
         opts = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.model, model_state, options=opts)
-        set_optimizer_state_dict(self.model, self.opt, train_state["optimizer"], options=opts)
+        if all(p.ndim == 0 for g in self.opt.param_groups for p in g["params"]):
+            self._load_scalar_optim_state(train_state["optimizer"])  # torch cannot place 0-dim-only states
+        else:
+            set_optimizer_state_dict(self.model, self.opt, train_state["optimizer"], options=opts)
         self.sched.load_state_dict(train_state["scheduler"])
         if self.ema is not None and ema is not None:
             self.ema.load_state_dict(ema)
@@ -166,6 +214,22 @@ class Trainer:
         self._last_saved = self.step
         log.info("resumed from %s at step %d (epoch %d, %d batches into it)", path, self.step,
                  self.loader.epoch, self.loader.batches)
+
+    def _load_scalar_optim_state(self, saved: dict) -> None:
+        """Load an optimizer state saved by name (get_optimizer_state_dict) when every trained parameter is a
+        0-dim scalar (both towers locked: only the logit scale trains), which set_optimizer_state_dict
+        refuses ("Expected device to be set"). Scalars are never sharded, so plain ids suffice."""
+        names = {id(p): n for n, p in unwrap(self.model).named_parameters()}
+        state, groups, i = {}, [], 0
+        for g_saved, g in zip(saved["param_groups"], self.opt.param_groups):
+            ids = []
+            for p in g["params"]:
+                if names[id(p)] in saved["state"]:
+                    state[i] = saved["state"][names[id(p)]]
+                ids.append(i)
+                i += 1
+            groups.append({**{k: v for k, v in g_saved.items() if k != "params"}, "params": ids})
+        self.opt.load_state_dict({"state": state, "param_groups": groups})
 
     # -- data ----------------------------------------------------------------------------------
     def _fetch(self) -> Optional[list[dict]]:
@@ -245,8 +309,9 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
     def fit(self) -> dict:
         """Train to ``train.steps``. SIGTERM on any rank (Slurm preemption, torchrun shutting down) makes
-        every rank stop after the current step, write one complete checkpoint together and return
-        ``preempted: True``; a requeued job continues with ``train.resume=latest``."""
+        every rank stop after the current step (StopWatch carries it to ranks that did not get it), write one
+        complete checkpoint together and return ``preempted: True``; a requeued job continues with
+        ``train.resume=latest``."""
         path = ckpt.resolve(self.cfg.resume, self.ckpt_dir)
         if path is not None:
             self.resume(path)
@@ -259,6 +324,7 @@ class Trainer:
         self._last_metrics: dict = {}
         self._t_log, self._samples_since = time.time(), 0
         prev = signal.signal(signal.SIGTERM, self._on_sigterm)
+        watch = StopWatch(self) if self.d.enabled else None
         preempted = False
         try:
             while self.step < self.cfg.steps:
@@ -277,6 +343,8 @@ class Trainer:
             if self.eval_fn and not preempted:
                 results = self._last_eval[1] if self._last_eval[0] == self.step else self._eval()
         finally:
+            if watch is not None:
+                watch.close()
             bar.close()
             signal.signal(signal.SIGTERM, prev)
             self._batches = None

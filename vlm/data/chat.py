@@ -123,7 +123,7 @@ def encode(messages: list[dict], tokenizer, cfg: ChatConfig, image_seq_len: int)
             cursor = at + len(content)
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
-        special = set(tokenizer.all_special_ids)
+        special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}  # an unknown character ends no turn
         labels = [IGNORE] * len(ids)
         for s, e in spans:
             # every token carrying a character of the answer: SentencePiece-style tokens ('▁Yes') start at

@@ -75,9 +75,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "sd
 
 
 class DispatchMHA(nn.MultiheadAttention):
-    """nn.MultiheadAttention (self-attention, batch_first or not) with a selectable kernel."""
+    """nn.MultiheadAttention (self-attention, batch_first or not) with a selectable kernel.
+
+    ``causal_tower``: this layer belongs to a text transformer whose mask is the causal one (checked once in
+    set_attention), so a (T, T) mask it receives is causal without looking at its values (a check per call
+    would cost a device-to-host sync in every layer)."""
 
     impl: str = "sdpa"
+    causal_tower: bool = False
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
@@ -93,7 +98,8 @@ class DispatchMHA(nn.MultiheadAttention):
         mask = attn_mask.to(q.dtype) if attn_mask is not None and attn_mask.dtype != torch.bool else attn_mask
         if mask is not None and mask.dtype == torch.bool:
             mask = ~mask  # nn.MultiheadAttention: True = masked out; ours: True = keep
-        causal = is_causal or is_causal_mask(mask, T)
+        square = mask is not None and mask.shape == (T, T)
+        causal = is_causal or (square and (self.causal_tower or is_causal_mask(mask, T)))
         out = attention(q, k, v, self.impl, None if causal else mask, causal).transpose(1, 2).reshape(B, T, C)
         out = self.out_proj(out)
         return (out if self.batch_first else out.transpose(0, 1)), None
@@ -109,4 +115,10 @@ def set_attention(model: nn.Module, impl: str) -> int:
             m.__class__ = DispatchMHA
             m.impl = impl
             n += 1
+    for owner in model.modules():  # open_clip text transformers: a causal attn_mask buffer beside .transformer
+        mask, blocks = getattr(owner, "attn_mask", None), getattr(owner, "transformer", None)
+        if isinstance(mask, torch.Tensor) and isinstance(blocks, nn.Module) and is_causal_mask(mask, mask.shape[-1]):
+            for m in blocks.modules():
+                if isinstance(m, DispatchMHA):
+                    m.causal_tower = True
     return n

@@ -174,11 +174,34 @@ class MedCLIP(nn.Module):
 
     # -- freezing ----------------------------------------------------------------------------
     def lock_image(self, unlocked_groups: int = 0) -> None:
-        """Freeze the image tower; keep the last ``unlocked_groups`` layer groups trainable."""
+        """Freeze the image tower, its projection into the joint space included (open_clip's own lock leaves
+        a timm tower's head trainable); keep the last ``unlocked_groups`` of open_clip's layer groups
+        trainable (for a ViT the last group is the final norm and the projection)."""
         self.clip.lock_image_tower(unlocked_groups=unlocked_groups, freeze_bn_stats=True)
+        if unlocked_groups == 0:
+            self.freeze_tower("image")
 
     def lock_text(self, unlocked_layers: int = 0) -> None:
+        """Freeze the text tower, its projection included (open_clip's lock leaves a Hugging Face tower's
+        projection trainable); keep the last ``unlocked_layers`` trainable (open_clip's groups: for its own
+        text transformer the first one unlocked is the final norm and projection)."""
         self.clip.lock_text_tower(unlocked_layers=unlocked_layers, freeze_layer_norm=True)
+        if unlocked_layers == 0:
+            self.freeze_tower("text")
+
+    def in_tower(self, name: str, tower: str) -> bool:
+        """Whether parameter ``name`` belongs to the image or text tower (open_clip's own text transformer
+        keeps its embeddings, final norm and projection beside ``transformer``, at the top level)."""
+        if tower == "image":
+            return name.startswith("clip.visual.")
+        top = ("clip.token_embedding.", "clip.positional_embedding", "clip.ln_final.", "clip.text_projection")
+        return name.startswith(self.tower_prefix("text")) or (not hasattr(self.clip, "text") and name.startswith(top))
+
+    def freeze_tower(self, tower: str, keep=lambda name: False) -> None:
+        """Freeze every parameter of a tower except those ``keep`` names (adapters, say)."""
+        for name, p in self.named_parameters():
+            if self.in_tower(name, tower) and not keep(name):
+                p.requires_grad = False
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.clip.set_grad_checkpointing(enable)

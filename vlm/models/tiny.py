@@ -81,7 +81,7 @@ CORPUS = [
     "FINDINGS: The heart size is normal. IMPRESSION: No acute abnormality.", "Which organ is abnormal?",
     "Head CT without contrast shows a hypodense lesion.", "The lungs are clear.", "Where is the mass?",
     "Histopathology slide with hematoxylin and eosin stain.", "Fundus photograph of the retina.",
-    "user assistant system model", "0 1 2 3 4 5 6 7 8 9 ( ) , . ; : ? ! - / %",
+    "user assistant system model", "0 1 2 3 4 5 6 7 8 9 ( ) , . ; : ? ! - / %", "[INST] [/INST] <<SYS>> <</SYS>>",
 ]
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -109,23 +109,49 @@ def train_tokenizer(name: str, vocab_size: int = 600, corpus: Optional[list[str]
         tk.decoder = decoders.ByteLevel()
         tk.train_from_iterator(text, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    elif fam.tokenizer == "metaspace_bpe":
+    elif fam.tokenizer == "metaspace_bpe":  # SentencePiece BPE as Llama-2/Mistral ship it: bytes as fallback
         tk = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
         tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-        tk.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
         tk.train_from_iterator(text, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials))
-    elif fam.tokenizer == "unigram":
+        tk = _with_byte_tokens(tk)
+        tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                        decoders.Strip(" ", 1, 0)])
+    elif fam.tokenizer == "unigram":  # SentencePiece Unigram with byte fallback (Gemma's vocabularies have it)
         tk = Tokenizer(models.Unigram())
-        tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-        tk.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+        tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
         tk.train_from_iterator(text, trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials,
                                                              unk_token="<unk>"))
+        tk = _with_byte_tokens(tk)
+        tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                        decoders.Strip(" ", 1, 0)])
     else:
         raise ValueError(f"unknown tokenizer kind {fam.tokenizer!r}")
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token=fam.pad, eos_token=fam.eos,
                                   bos_token=fam.bos, additional_special_tokens=[t for t in (*fam.specials, IMAGE)])
     tok.chat_template = fam.template
     return tok
+
+
+def _with_byte_tokens(tk):
+    """The trained BPE plus the 256 byte tokens (<0x00> ... <0xFF>) its byte fallback spells unseen
+    characters with (a newline, '[', non-ASCII), as SentencePiece vocabularies carry them."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    data = json.loads(tk.to_str())
+    model = data["model"]
+    if model["type"] == "Unigram":  # a list of [piece, log-probability]; ids are positions
+        have = {piece for piece, _ in model["vocab"]}
+        model["vocab"] += [[f"<0x{b:02X}>", -100.0] for b in range(256) if f"<0x{b:02X}>" not in have]
+        model["byte_fallback"] = True
+    else:
+        vocab = model["vocab"]
+        nxt = max(max(vocab.values()), max((t["id"] for t in data["added_tokens"]), default=0)) + 1
+        for b in range(256):
+            if f"<0x{b:02X}>" not in vocab:
+                vocab[f"<0x{b:02X}>"], nxt = nxt, nxt + 1
+    return Tokenizer.from_str(json.dumps(data))
 
 
 def tiny_config(name: str, vocab_size: int, tokenizer=None, **overrides):
