@@ -24,8 +24,8 @@ def ask_transformers(folder: Path, image, question: str, max_new_tokens: int) ->
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
-    processor = AutoProcessor.from_pretrained(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=False).eval()
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=False)
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     prompt = processor.apply_chat_template(msgs, add_generation_prompt=True)
     inputs = processor(images=image, text=prompt, return_tensors="pt")

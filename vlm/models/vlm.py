@@ -200,12 +200,12 @@ def load_vision_tower(source: str | Path):
         return openclip_vit_to_hf(clip.clip.visual)
     from transformers import AutoConfig, CLIPVisionModel, SiglipVisionModel
 
-    cfg = AutoConfig.from_pretrained(str(source))
+    cfg = AutoConfig.from_pretrained(str(source), trust_remote_code=False)
     kind = cfg.model_type
     if kind in ("clip", "clip_vision_model"):
-        return CLIPVisionModel.from_pretrained(str(source)).eval()
+        return CLIPVisionModel.from_pretrained(str(source), trust_remote_code=False).eval()
     if kind in ("siglip", "siglip_vision_model"):
-        return SiglipVisionModel.from_pretrained(str(source)).eval()
+        return SiglipVisionModel.from_pretrained(str(source), trust_remote_code=False).eval()
     raise ValueError(f"{source}: vision tower type {kind!r} is not supported (CLIP or SigLIP vision models, or a "
                      "train.clip run with an open_clip ViT)")
 
@@ -329,8 +329,8 @@ def load_assistant(path: str | Path):
     if (p / "config.json").is_file():
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        model = AutoModelForImageTextToText.from_pretrained(p).eval()
-        processor = AutoProcessor.from_pretrained(p)
+        model = AutoModelForImageTextToText.from_pretrained(p, trust_remote_code=False).eval()
+        processor = AutoProcessor.from_pretrained(p, trust_remote_code=False)
         ip = processor.image_processor
         size = ip.crop_size["height"] if getattr(ip, "crop_size", None) else ip.size.get("shortest_edge")
         return model, processor.tokenizer, {"size": size, "mean": list(ip.image_mean), "std": list(ip.image_std),
