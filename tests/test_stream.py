@@ -238,22 +238,22 @@ def test_one_shard_is_split_fairly_among_ranks(one_shard, world, workers):
 
 
 def test_a_shard_part_copies_only_its_own_members(plain, monkeypatch):
-    from vlm.data import shards
+    from vlm.data import position
 
     path = str(plain / "shard-000000.tar")
-    every = [k for k, _ in shards._raw_samples(path, Counter())]
-    copied, real = [], shards.iter_members
+    every = [k for k, *_ in position.raw_samples(path, Counter())]
+    copied, real = [], position.iter_entries
 
-    def spy(p, want=None):
-        for name, data in real(p, want):
+    def spy(p, want=None, start=0):
+        for off, name, data in real(p, want, start):
             if data is not None:
                 copied.append(name.split(".")[0])
-            yield name, data
+            yield off, name, data
 
-    monkeypatch.setattr(shards, "iter_members", spy)
-    part = [k for k, _ in shards._raw_samples(path, Counter(), 2, 5)]
+    monkeypatch.setattr(position, "iter_entries", spy)
+    part = [k for k, *_ in position.raw_samples(path, Counter(), 2, 5)]
     assert part == every[2:5] and set(copied) == set(part)
-    assert [k for k, _ in shards._raw_samples(path, Counter(), 7)] == every[7:]
+    assert [k for k, *_ in position.raw_samples(path, Counter(), 7)] == every[7:]
 
 
 @pytest.mark.parametrize("sizes", [[20] * 5, [30, 7, 25, 19, 19]])
@@ -387,6 +387,222 @@ def test_source_without_any_readable_sample(tmp_path, resampled):
     with pytest.raises(DataStreamError, match="unsafe_member_name") as e:
         keys_of(ShardLoader(cfg_for(folder, resampled=resampled)))
     assert ("none of the 1 shards" if resampled else "0 read, all skipped") in str(e.value)
+
+
+# -- positions: resume without replaying, and redeal onto another world size -------------------------
+
+
+def take(loader, n: int) -> list[str]:
+    """The keys of ``loader``'s next ``n`` batches; the iterator (and its workers) is closed after."""
+    it, keys = iter(loader), []
+    for _ in range(n):
+        keys += next(it)["keys"]
+    it.close()
+    return keys
+
+
+def legacy(state: dict) -> dict:
+    """A position as versions before 2 wrote it: raw counts per worker, replayed on resume."""
+    return {k: state[k] for k in ("epoch", "raw", "worker_batches", "next_worker", "batches", "counts",
+                                  "num_workers", "seed")}
+
+
+@pytest.fixture(scope="module")
+def six_hundred(tmp_path_factory) -> Path:
+    """6 shards of 100 samples."""
+    return write_folder(tmp_path_factory.mktemp("six") / "s", [[good(100 * j + i) for i in range(100)]
+                                                               for j in range(6)])
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_entries_resume_from_their_offsets(tmp_path, fmt):
+    """A member's offset is that of its first header (long-name or PAX header included): walking from it
+    gives exactly the rest of the archive."""
+    from vlm.data.tario import TruncatedTar, iter_entries
+
+    p = tmp_path / "x.tar"
+    with tarfile.open(p, "w", format=fmt) as tar:
+        for i, name in enumerate(["a.txt", "deep/" * 30 + "b.png", "c.json", "d" * 120 + ".txt"]):
+            info = tarfile.TarInfo(name)
+            info.size = 700 * i
+            tar.addfile(info, io.BytesIO(b"x" * info.size))
+    every = list(iter_entries(str(p)))
+    assert len(every) == 4 and every[0][0] == 0
+    for i, (off, _, _) in enumerate(every):
+        assert list(iter_entries(str(p), start=off)) == every[i:]
+    with pytest.raises(TruncatedTar, match="not a header boundary"):
+        list(iter_entries(str(p), start=100))
+
+
+def test_resume_reads_only_the_buffer(six_hundred, monkeypatch):
+    """Resuming late in an epoch reads the buffer's samples and the next batch's, not the epoch so far
+    (counted in tar members read, headers included); the old format's replay reads all of it."""
+    from vlm.data import position
+
+    cfg = cfg_for(six_hundred, batch_size=4, shuffle_buffer=20, seed=4)
+    first = ShardLoader(cfg)
+    head = take(first, 130)  # 520 samples in
+    state = json.loads(json.dumps(first.state_dict()))
+    assert len(json.dumps(state)) < 6000  # references and RNG states, no sample bytes
+    real, read = position.iter_entries, Counter()
+
+    def counting(p, want=None, start=0):
+        for entry in real(p, want, start):
+            read["members"] += 1
+            yield entry
+
+    monkeypatch.setattr(position, "iter_entries", counting)
+    for saved, bound in ((state, 4 * (20 + 4)), (legacy(state), None)):
+        read.clear()
+        resumed = ShardLoader(cfg)
+        resumed.load_state_dict(saved)
+        nxt = take(resumed, 1)
+        if bound is not None:
+            assert read["members"] <= bound  # 3 members a sample, plus the next sample's first header
+        else:
+            assert read["members"] >= 3 * 520  # replay: everything before the position again
+        assert head + nxt + keys_of(resumed) == keys_of(ShardLoader(cfg))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_old_format_positions_still_resume_exactly(plain, workers):
+    cfg = cfg_for(plain, batch_size=4, num_workers=workers, shuffle_buffer=16, seed=1)
+    full = keys_of(ShardLoader(cfg))
+    first = ShardLoader(cfg)
+    head = take(first, 5)
+    resumed = ShardLoader(cfg)
+    resumed.load_state_dict(legacy(first.state_dict()))
+    it = iter(resumed)
+    head += next(it)["keys"]
+    later = resumed.state_dict()  # written in the new format once every worker has reported
+    assert head + [k for b in it for k in b["keys"]] == full
+    again = ShardLoader(cfg)
+    again.load_state_dict(json.loads(json.dumps(later)))
+    assert head + keys_of(again) == full
+
+
+def test_positions_that_do_not_fit_are_refused_clearly(plain, tmp_path):
+    from vlm.data.position import PositionError
+
+    cfg = cfg_for(plain, batch_size=4, shuffle_buffer=16, seed=1)
+    first = ShardLoader(cfg)
+    take(first, 2)
+    state = first.state_dict()
+    for change, match in ((dict(seed=2), "data.seed=1, this run has 2"),
+                          (dict(shuffle_buffer=8), "shuffle_buffer=16, this run has 8.*load_state_dicts"),
+                          (dict(resampled=True), "data.resampled=False")):
+        with pytest.raises(PositionError, match=match):
+            other = cfg_for(plain, batch_size=4, **{"shuffle_buffer": 16, "seed": 1, **change})
+            ShardLoader(other).load_state_dict(state)
+    with pytest.raises(PositionError, match="saved by rank 0 of 1, this loader is rank 1 of 2"):
+        ShardLoader(cfg, rank=1, world_size=2).load_state_dict(state)
+    copy = write_folder(tmp_path / "c", [[good(i) for i in range(83)]])  # other shards
+    with pytest.raises(PositionError, match="saved for other shards"):
+        ShardLoader(cfg_for(copy, batch_size=4, shuffle_buffer=16, seed=1)).load_state_dict(state)
+    with pytest.raises(PositionError, match="old format.*2 ranks x 1 workers; this run: 3 x 1"):
+        ShardLoader(cfg, rank=0, world_size=3).load_state_dicts([legacy(state), legacy(state)])
+
+
+def ranks_read(cfg, world: int, batches: list[int], **kw) -> tuple[list[str], list[dict]]:
+    """Simulated ranks (one loader each, as torchrun would run them) read a few batches and save."""
+    seen, states = [], []
+    for r in range(world):
+        ld = ShardLoader(cfg, rank=r, world_size=world, **kw)
+        seen += take(ld, batches[r])
+        states.append(json.loads(json.dumps(ld.state_dict())))
+    return seen, states
+
+
+def ranks_resume(cfg, world: int, states: list[dict], **kw) -> tuple[list[str], list[ShardLoader]]:
+    keys, loaders = [], []
+    for r in range(world):
+        ld = ShardLoader(cfg, rank=r, world_size=world, **kw)
+        ld.load_state_dicts(states)
+        keys += keys_of(ld)
+        loaders.append(ld)
+    return keys, loaders
+
+
+@pytest.mark.parametrize("world,workers", [(1, 2), (3, 2), (2, 3), (3, 0)])
+def test_redeal_onto_another_world_covers_the_epoch_once(plain, tmp_path, world, workers):
+    """2 ranks x 2 workers read part of an epoch (one rank far into its buffer's drain, one barely
+    begun); the rest continues on another world size or worker count: every sample of the epoch is
+    handed on exactly once, before or after, every skip counted once; the next epoch is a fresh one."""
+    other = write_folder(tmp_path / "o", [[good(1000 + i) for i in range(9)], [good(2000 + i) for i in range(30)]])
+    everything = Counter(f"s{i:04d}" for i in list(range(83)) + list(range(1000, 1009)) + list(range(2000, 2030)))
+    rejected = sum(1 for k in everything if int(k[1:]) % 7 == 0)
+
+    def cfg(w):
+        c = cfg_for(plain, other, batch_size=4, num_workers=w, shuffle_buffer=10, seed=1)
+        c.sources[1].weight = 2.0
+        return c
+
+    seen, states = ranks_read(cfg(2), 2, [2, 11], sample_fn=reject_every_seventh)
+    after, loaders = ranks_resume(cfg(workers), world, states, sample_fn=reject_every_seventh)
+    both = Counter(seen + after)
+    assert set(both.values()) == {1} and set(both) == {k for k in everything if int(k[1:]) % 7}
+    assert sum(ld.skipped.get("rejected_for_test", 0) for ld in loaders) == rejected
+    assert sum(sum(ld.raw) for ld in loaders) == len(everything)  # raw counts carried over too
+    for ld in loaders:  # the next epoch: a fresh deal on the new world size
+        ld.set_epoch(1)
+    nxt = Counter(k for ld in loaders for k in keys_of(ld))
+    assert set(nxt.values()) == {1} and len(nxt) == len(everything) - rejected
+
+
+@pytest.mark.parametrize("world,workers", [(3, 0), (1, 2)])
+def test_redeal_counts_every_problem_once(tmp_path, world, workers):
+    """Damaged shards, cut with problems in the buffers and in the shard parts left: each counted once
+    (re-reading a buffered sample counts nothing again: the escaping members inside one here)."""
+    folder = corrupt_folder(tmp_path / "c")
+    for seed in range(4):
+        cfg = cfg_for(folder, batch_size=1, num_workers=0, shuffle_shards=False, shuffle_buffer=3, seed=seed,
+                      image=ImageConfig(size=16, max_pixels=50_000))
+        seen, states = ranks_read(cfg, 2, [1, 1])
+        cfg.num_workers = workers
+        after, loaders = ranks_resume(cfg, world, states)
+        assert sorted(seen + after) == ["s0000", "s0001", "s0002", "s0003"]
+        total = Counter()
+        for ld in loaders:
+            total.update(ld.skipped)
+        assert dict(total) == CORRUPT_COUNTS, seed
+
+
+def test_redeal_with_the_same_shape_is_exact_and_redealt_epochs_resume(one_shard):
+    cfg = cfg_for(one_shard, batch_size=8, num_workers=2, shuffle_buffer=16, seed=3)
+    seen, states = ranks_read(cfg, 2, [3, 5])
+    for r in range(2):
+        a, b = ShardLoader(cfg, rank=r, world_size=2), ShardLoader(cfg, rank=r, world_size=2)
+        a.load_state_dict(states[r])
+        b.load_state_dicts(states)
+        assert a.state_dict() == b.state_dict() and keys_of(a) == keys_of(b)
+    # a redealt epoch (3 ranks x 1 worker) is itself resumable exactly, and redealt again (to 2 x 2)
+    cfg1 = cfg_for(one_shard, batch_size=8, num_workers=0, shuffle_buffer=16, seed=3)
+    mid, mid_states = [], []
+    for r in range(3):
+        ld = ShardLoader(cfg1, rank=r, world_size=3)
+        ld.load_state_dicts(states)
+        mid += take(ld, 2)
+        mid_states.append(json.loads(json.dumps(ld.state_dict())))
+        whole = ShardLoader(cfg1, rank=r, world_size=3)
+        whole.load_state_dicts(states)
+        again = ShardLoader(cfg1, rank=r, world_size=3)
+        again.load_state_dict(mid_states[-1])
+        assert keys_of(whole)[16:] == keys_of(again)
+    after, _ = ranks_resume(cfg, 2, mid_states)
+    both = Counter(seen + mid + after)
+    assert len(both) == 300 and set(both.values()) == {1}
+
+
+def test_redeal_resampled_continues(one_shard):
+    cfg = cfg_for(one_shard, batch_size=4, num_workers=2, resampled=True, samples_per_epoch=96, seed=5)
+    seen, states = ranks_read(cfg, 2, [3, 5])  # 32 of the epoch's 96 samples
+    after, loaders = ranks_resume(cfg, 3, states)
+    assert len(after) == 3 * 2 * 3 * 4  # the 64 left, rounded up to whole batches per new worker
+    assert set(after) <= {f"s{i:04d}" for i in range(300)} and len(set(after)) > 40
+    assert ranks_resume(cfg, 3, states)[0] == after  # deterministic
+    for ld in loaders:
+        ld.set_epoch(1)
+        assert len(keys_of(ld)) == 2 * 4 * 4  # ceil(96 / (6 workers x 4)) batches a worker
 
 
 # -- an interruption (the trainer's SIGTERM handler) reaches a loader still looking for a sample ------
