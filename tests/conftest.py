@@ -89,9 +89,9 @@ def torchrun(nproc: int, args: list[str], env: dict, cwd=None, tries: int = 3):
     return r
 
 
-def one_and_two_processes(script: Path, tmp_path: Path, *args: str) -> tuple[dict, dict]:
-    """Run a tests/dist script plainly and under torchrun with 2 gloo processes; each saves a
-    safetensors file -> (one process's tensors, two processes' tensors)."""
+def one_and_two_processes(script: Path, tmp_path: Path, *args: str, nproc: int = 2) -> tuple[dict, dict]:
+    """Run a tests/dist script plainly and under torchrun with ``nproc`` (2) gloo processes; each saves a
+    safetensors file -> (one process's tensors, the processes' tensors)."""
     import subprocess
     import sys
 
@@ -99,7 +99,7 @@ def one_and_two_processes(script: Path, tmp_path: Path, *args: str) -> tuple[dic
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, str(script), str(tmp_path / "one.st"), *args], check=True, env=env)
-    r = torchrun(2, [str(script), str(tmp_path / "two.st"), *args], env)
+    r = torchrun(nproc, [str(script), str(tmp_path / "two.st"), *args], env)
     assert r.returncode == 0, r.stderr[-3000:]
     return load_file(tmp_path / "one.st"), load_file(tmp_path / "two.st")
 

@@ -3,10 +3,12 @@ accumulation, 2-process DDP = 1 process with the doubled batch."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from conftest import REPO, one_and_two_processes
 from vlm.losses import LossConfig, concept_align_loss, contrastive_loss
@@ -113,7 +115,7 @@ def test_gradient_accumulation_equals_large_batch(synth_dir):
         metrics = task.train_step(model, batches, StepContext(model, Dist(), "fp32"))
         results.append((metrics, _grads(model)))
     (m1, g1), (m2, g2) = results
-    assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-5)
+    assert float(m1["loss"]) == pytest.approx(float(m2["loss"]), rel=1e-5)
     assert set(g1) == set(g2)
     for n in g1:
         assert torch.allclose(g1[n], g2[n], atol=1e-6, rtol=1e-4), n
@@ -323,6 +325,44 @@ def test_two_process_step_matches_one_process(tmp_path, parallel):
     assert set(one) == set(two)
     for k in one:
         assert torch.allclose(one[k], two[k], atol=1e-5), k
+
+
+def test_fsdp_mixed_precision_matches_ddp_autocast(tmp_path):
+    """train.precision=bf16 under FSDP2 (MixedPrecisionPolicy: bf16 all-gather and compute, fp32 reduce) gives
+    DDP-with-autocast's gradients within bf16's tolerance, over fp32 master weights."""
+    from safetensors import safe_open
+
+    from conftest import torchrun
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    script = str(REPO / "tests" / "dist" / "fsdp_step.py")
+    for parallel in ("ddp", "fsdp"):
+        r = torchrun(2, [script, str(tmp_path / f"{parallel}.st"), parallel, "bf16"], env)
+        assert r.returncode == 0, r.stderr[-3000:]
+    ddp, fsdp = load_file(tmp_path / "ddp.st"), load_file(tmp_path / "fsdp.st")
+    with safe_open(tmp_path / "fsdp.st", "pt") as f:
+        assert f.metadata()["dtypes"] == "torch.float32"
+    grads = [k for k in ddp if k.startswith("grad.")]
+    assert len(grads) > 20 and set(grads) == {k for k in fsdp if k.startswith("grad.")}
+    for k in grads:
+        a, b = ddp[k].flatten(), fsdp[k].flatten()
+        assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99 or (a - b).norm() < 1e-3, k
+        assert (a - b).norm() <= 0.05 * a.norm() + 1e-4, (k, float((a - b).norm() / a.norm()))
+    assert all(v.dtype == torch.float32 for k, v in fsdp.items() if not k.startswith("grad."))
+
+
+def test_hsdp_on_four_processes_matches_one_process(tmp_path):
+    """train.parallel=hsdp with 4 gloo processes as 2 replicas x 2 shards: parameters are sharded on the
+    inner mesh dimension and replicated on the outer one, and the step gives the single-process weights (the
+    DDP step's, by the test above)."""
+    from safetensors import safe_open
+
+    one, four = one_and_two_processes(REPO / "tests" / "dist" / "fsdp_step.py", tmp_path, "hsdp", nproc=4)
+    with safe_open(tmp_path / "two.st", "pt") as f:
+        assert f.metadata()["placements"] == "(Replicate(), Shard(dim=0))"
+    assert set(one) == set(four)
+    for k in one:
+        assert torch.allclose(one[k], four[k], atol=1e-5), k
 
 
 def test_text_token_embeddings_in_the_joint_space():

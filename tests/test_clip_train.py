@@ -10,6 +10,8 @@ import sys
 import torch
 from safetensors.torch import load_file
 
+from vlm.checkpoint import model_weights
+
 from conftest import REPO, kill_after_checkpoint
 
 
@@ -38,8 +40,8 @@ def test_kill_and_resume_is_bit_identical(synth_dir, tiny32, tmp_path):
     r = run(args_for(synth_dir, tiny32, b, extra=["train.resume=latest"]))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stderr
-    wa = load_file(a / "checkpoints/step_00000020/model.safetensors")
-    wb = load_file(b / "checkpoints/step_00000020/model.safetensors")
+    wa = model_weights(a / "checkpoints/step_00000020")
+    wb = model_weights(b / "checkpoints/step_00000020")
     assert set(wa) == set(wb)
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
@@ -74,8 +76,14 @@ def test_nonfinite_losses_stop_with_checkpoint_intact(synth_dir, tiny32, tmp_pat
                                                               "train.save_every=1", "train.max_nonfinite=2",
                                                               "optim.grad_clip=0"]))
     assert r.returncode != 0 and "non-finite losses in a row" in r.stderr
-    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000001"]
-    assert (out / "checkpoints/step_00000001/COMPLETE").exists()
+    # the skipped steps left the weights as they were: every checkpoint holds step 1's finite weights
+    saved = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert saved[0] == "step_00000001" and all((out / "checkpoints" / p / "COMPLETE").exists() for p in saved)
+    first = model_weights(out / "checkpoints/step_00000001")
+    assert all(torch.isfinite(v).all() for v in first.values())
+    for p in saved[1:]:
+        w = model_weights(out / "checkpoints" / p)
+        assert all(torch.equal(w[k], first[k]) for k in first)
 
 
 def test_bf16_locked_image_tower_and_lora_text(synth_dir, tiny32, tmp_path):
@@ -84,8 +92,8 @@ def test_bf16_locked_image_tower_and_lora_text(synth_dir, tiny32, tmp_path):
     r = run(args_for(synth_dir, tiny32, out, steps=3, extra=["train.precision=bf16", "model.lock_image=true",
                                                               "model.lora_text.r=4", "optim.warmup_steps=0"]))
     assert r.returncode == 0, r.stderr[-3000:]
-    w1 = load_file(out / "checkpoints/step_00000002/model.safetensors")
-    w2 = load_file(out / "checkpoints/step_00000003/model.safetensors")
+    w1 = model_weights(out / "checkpoints/step_00000002")
+    w2 = model_weights(out / "checkpoints/step_00000003")
     moved = {k for k in w1 if not torch.equal(w1[k], w2[k])}
     assert moved and not any(k.startswith("clip.visual.") for k in moved)
     text_moved = {k for k in moved if k.startswith("clip.transformer.")}

@@ -12,6 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from vlm.checkpoint import model_weights
+
 from conftest import REPO, kill_after_checkpoint, stand_in_images
 
 
@@ -64,15 +66,15 @@ def test_stage1_then_stage2(assets, synth_dir, tmp_path):
     s1, s2 = tmp_path / "s1", tmp_path / "s2"
     r = run(base_args(assets, 1, synth_dir / "pretrain", s1, 4))
     assert r.returncode == 0, r.stderr[-3000:]
-    w1 = load_file(s1 / "checkpoints/step_00000004/model.safetensors")
-    w0 = load_file(s1 / "checkpoints/step_00000002/model.safetensors")
+    w1 = model_weights(s1 / "checkpoints/step_00000004")
+    w0 = model_weights(s1 / "checkpoints/step_00000002")
     moved = {k for k in w1 if not torch.equal(w0[k], w1[k])}
     assert moved and all(k.startswith("model.multi_modal_projector.") for k in moved)  # stage 1: projector only
     r = run(base_args(assets, 2, synth_dir / "instruct", s2, 12, [f"model.init_from={s1}", "chat.max_length=256"]))
     assert r.returncode == 0, r.stderr[-3000:]
     losses = [json.loads(x)["loss"] for x in (s2 / "metrics.jsonl").read_text().splitlines()]
     assert losses[-1] < losses[0]
-    w2 = load_file(s2 / "checkpoints/step_00000012/model.safetensors")
+    w2 = model_weights(s2 / "checkpoints/step_00000012")
     assert not torch.equal(w2["lm_head.weight"], w1["lm_head.weight"])
 
 
@@ -106,8 +108,8 @@ def test_resume_identity_and_transformers_export(assets, synth_dir, tmp_path):
                           b / "checkpoints" / "step_00000002")
     r = run(args(b, 6, ["train.resume=latest"]))
     assert r.returncode == 0 and "resumed from" in r.stderr
-    wa = load_file(a / "checkpoints/step_00000006/model.safetensors")
-    wb = load_file(b / "checkpoints/step_00000006/model.safetensors")
+    wa = model_weights(a / "checkpoints/step_00000006")
+    wb = model_weights(b / "checkpoints/step_00000006")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -180,8 +182,8 @@ def test_lora_stage2_trains_projector_and_adapters_only(assets, synth_dir, tiny_
     r = run(shipped_7b_args(assets, synth_dir, "llava_med_7b_lora.yaml", tiny_mistral, out, 2,
                             ["train.precision=bf16"]))
     assert r.returncode == 0, r.stderr[-3000:]
-    w1 = load_file(out / "checkpoints/step_00000001/model.safetensors")
-    w2 = load_file(out / "checkpoints/step_00000002/model.safetensors")
+    w1 = model_weights(out / "checkpoints/step_00000001")
+    w2 = model_weights(out / "checkpoints/step_00000002")
     moved = {k for k in w1 if not torch.equal(w1[k], w2[k])}
     proj = {k for k in w1 if "multi_modal_projector" in k}
     adapters = {k for k in w1 if "lora_" in k}
@@ -209,7 +211,7 @@ def test_fsdp_full_finetuning_of_a_bf16_llm(assets, synth_dir, tiny_mistral, tmp
     before = {("model.language_model." + k.removeprefix("model.") if k.startswith("model.") else k): v
               for k, v in load_file(tiny_mistral / "model.safetensors").items()}
     assert all(v.dtype == torch.bfloat16 for v in before.values())
-    after = load_file(out / "checkpoints/step_00000002/model.safetensors")
+    after = model_weights(out / "checkpoints/step_00000002")
     llm = {k: v for k, v in after.items() if k in before and "embed_tokens" not in k}
     assert llm and all(v.dtype == torch.float32 for v in llm.values())
     changed = sum(int((before[k].float() != v).sum()) for k, v in llm.items()) / sum(v.numel() for v in llm.values())

@@ -14,6 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from vlm.checkpoint import model_weights
+
 from conftest import REPO, free_port
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -44,7 +46,7 @@ def test_fsdp_bf16_ema_and_zeroshot_eval(synth_dir, tiny32, tmp_path):
         env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     ckpt = out / "checkpoints/step_00000004"
-    model, ema = load_file(ckpt / "model.safetensors"), load_file(ckpt / "ema.safetensors")
+    model, ema = model_weights(ckpt), model_weights(ckpt, ema=True)
     assert set(ema) == set(model) and all(ema[k].shape == model[k].shape for k in ema)  # a whole model
     assert all(v.dtype == torch.float32 for v in model.values() if v.is_floating_point())  # fp32 master weights
     assert any(not torch.equal(ema[k], model[k]) for k in ema)
@@ -136,8 +138,8 @@ def test_sigterm_on_one_rank_stops_all_and_resumes_exactly(synth_dir, tiny32, so
                                                                [*extra, "train.resume=latest"])),
                        env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "resumed from" in r.stderr, r.stderr[-3000:]
-    wa = load_file(a / f"checkpoints/step_{steps:08d}/model.safetensors")
-    wb = load_file(b / f"checkpoints/step_{steps:08d}/model.safetensors")
+    wa = model_weights(a / f"checkpoints/step_{steps:08d}")
+    wb = model_weights(b / f"checkpoints/step_{steps:08d}")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -225,3 +227,89 @@ def test_checkpoint_files_reach_the_disk_before_the_rename(tmp_path, monkeypatch
     assert {"model.safetensors", "ema.safetensors", "train_state.pt", "state.json", "COMPLETE",
             "step_00000003.tmp"} <= before
     assert ("fsync", str(tmp_path)) in events[rename:]
+
+
+def test_no_host_sync_between_logging_steps_and_nonfinite_steps_still_skipped(synth_dir, tiny32, tmp_path,
+                                                                              monkeypatch):
+    """Between logging steps the loop reads no tensor on the host (no .item(), float(), bool(), tolist()), and a
+    step whose gradients are non-finite still leaves the weights, the AdamW states and the EMA untouched (the
+    fused kernel skips it on the device); the skip is counted at the next logging step."""
+    from train.clip import build_run
+    from train.config import ClipRunConfig, parse_run_config
+    from train.trainer import Trainer
+    from vlm.utils import Dist
+
+    cfg = parse_run_config("t", "", ClipRunConfig, clip_args(synth_dir, tiny32, tmp_path / "run", 8, [
+        "train.log_every=4", "train.save_every=0", "optim.ema_decay=0.9", "zeroshot=[]", "optim.grad_clip=1.0"]))
+    model, kwargs = build_run(cfg, Dist())
+    trainer = Trainer(model, **kwargs)
+    reads, inside = [], [False]
+    for name in ("item", "tolist", "__float__", "__bool__", "__int__"):
+        orig = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _orig=orig, _name=name, **k):
+            if inside[0]:
+                reads.append((trainer.step, _name))
+            return _orig(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    task_step, loop_step = trainer.task.train_step, trainer._train_step
+    snapshots = {}
+
+    def poisoned(model, batches, ctx):
+        out = task_step(model, batches, ctx)
+        if trainer.step == 5:  # the 6th step: non-finite gradients
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.fill_(float("nan"))
+        return out
+
+    def watched(*a, **k):
+        inside[0] = True
+        try:
+            loop_step(*a, **k)
+        finally:
+            inside[0] = False
+        snapshots[trainer.step] = ({k: v.detach().clone() for k, v in model.state_dict().items()},
+                                   {k: v.clone() for k, v in trainer.ema.shadow.items()})
+    trainer.task.train_step, trainer._train_step = poisoned, watched
+    result = trainer.fit()
+    assert result["step"] == 8
+    assert {s for s, _ in reads} >= {4, 8}  # the logging steps read the metrics (the counter works)
+    quiet = {s for s, _ in reads} - {1, 4, 8}  # the first step checks every parameter got a gradient
+    assert not quiet, f"host reads outside logging steps: {[r for r in reads if r[0] in quiet][:10]}"
+    w5, e5 = snapshots[5]
+    w6, e6 = snapshots[6]
+    assert all(torch.equal(w5[k], w6[k]) for k in w5) and all(torch.equal(e5[k], e6[k]) for k in e5)
+    assert any(not torch.equal(snapshots[7][0][k], w6[k]) for k in w6)  # and training went on
+    steps = {int(s["step"]) for s in trainer.opt.state.values()}
+    assert steps == {7}  # AdamW counted 7 updates in 8 steps
+    logged = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [m["nonfinite_steps"] for m in logged if "nonfinite_steps" in m] == [0, 1]
+
+
+def test_compiled_blocks_train_as_eager(synth_dir, tiny32, tmp_path):
+    """train.compile=true: every transformer block of both towers compiled (torch.compile, inductor on CPU);
+    three steps give the eager run's losses and weights within float tolerance, under the same names."""
+    from train.clip import build_run
+    from train.config import ClipRunConfig, parse_run_config
+    from train.distributed import repeated_blocks
+    from train.trainer import Trainer
+    from vlm.utils import Dist
+
+    runs = {}
+    for mode in ("eager", "compiled"):
+        cfg = parse_run_config("t", "", ClipRunConfig, clip_args(synth_dir, tiny32, tmp_path / mode, 3, [
+            "data.num_workers=0", "train.save_every=0", "zeroshot=[]", f"train.compile={mode == 'compiled'}"]))
+        torch.manual_seed(0)
+        model, kwargs = build_run(cfg, Dist())
+        trainer = Trainer(model, **kwargs)
+        trainer.fit()
+        blocks = repeated_blocks(model)
+        runs[mode] = ([json.loads(x)["loss"] for x in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()],
+                      {k: v.detach().clone() for k, v in model.state_dict().items()},
+                      sum("compile" in repr(getattr(b.forward, "__wrapped__", b.forward)) or
+                          hasattr(b.forward, "_torchdynamo_orig_callable") for b in blocks))
+    (le, we, ce), (lc, wc, cc) = runs["eager"], runs["compiled"]
+    assert ce == 0 and cc == 4  # 2 image + 2 text blocks
+    assert lc == pytest.approx(le, rel=1e-4, abs=1e-5)
+    assert set(we) == set(wc) and all(torch.allclose(we[k], wc[k], atol=1e-5) for k in we)

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from train.config import ClipRunConfig, LoraConfig, parse_run_config
-from train.distributed import cleanup, init_distributed
+from train.distributed import cleanup, init_distributed, repeated_blocks
 from train.trainer import StepContext, Trainer
 from vlm.checkpoint import load_weights_into
 from vlm.data.shards import ShardLoader
@@ -99,7 +99,7 @@ class ClipTask:
                 loss, parts = self._loss(raw, out, out["image_features"], out["text_features"],
                                          out.get("image_patches"), concept_emb, positives, live=True)
             loss.backward()
-            return {k: float(v) for k, v in parts.items()} | {"logit_scale": float(out["logit_scale"].detach())}
+            return parts | {"logit_scale": out["logit_scale"].detach()}  # tensors: read at logging steps only
         with torch.no_grad(), ctx.autocast():  # pass 1: every micro-batch's features, no graph
             cached = [self._features(model, b, device) for b in batches]
         img = [c["image_features"] for c in cached]
@@ -120,8 +120,8 @@ class ClipTask:
                                          live=last)
                 loss.backward()
             if j == 0:
-                total = {k: float(v) for k, v in parts.items()}
-        return total | {"logit_scale": float(cached[0]["logit_scale"])}
+                total = parts
+        return total | {"logit_scale": cached[0]["logit_scale"].detach()}
 
     def _loss(self, raw, out, img, txt, patches, concept_emb, positives, live: bool):
         """``live``: this micro-batch carries the gradient of the shared scales and biases."""
@@ -166,9 +166,14 @@ def build_model(cfg: ClipRunConfig) -> MedCLIP:
     m = cfg.model
     model = MedCLIP(m.name)
     if m.pretrained:
+        from pathlib import Path
+
         from safetensors.torch import load_file
 
-        weights = load_file(m.pretrained)
+        from vlm.checkpoint import model_weights
+
+        # a weights file (ours or an open_clip export's), or one of our checkpoint folders
+        weights = model_weights(m.pretrained) if Path(m.pretrained).is_dir() else load_file(m.pretrained)
         ours = any(k.startswith("clip.") for k in weights)  # our checkpoint, or an open_clip export
         load_weights_into(model if ours else model.clip, weights, f"model.pretrained={m.pretrained}")
     if m.lock_image:
@@ -234,7 +239,10 @@ def build_run(cfg: ClipRunConfig, d) -> tuple[nn.Module, dict]:
              cfg.model.name, sum(p.numel() for p in model.parameters()) / 1e6, n_train / 1e6,
              loader.dataset.num_samples, cfg.train.steps, d.world_size, cfg.optim.grad_accum,
              cfg.data.batch_size)
+    # FSDP2: one unit per transformer block of either tower (found by structure: open_clip, timm or HF layers)
+    shard = tuple({type(b) for b in repeated_blocks(model)})
     return model, dict(task=ClipTask(cfg, tokenizer), loader=loader, cfg=cfg.train, optim_cfg=cfg.optim, d=d,
+                       shard_modules=shard,
                        run_config=cfg, eval_fn=make_eval_fn(cfg, tokenizer, d.device),
                        eval_model_fn=lambda: build_model(cfg))
 

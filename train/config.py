@@ -78,11 +78,21 @@ class TrainConfig:
     # bf16: keep every weight and AdamW state in bf16 (half the memory; updates below bf16's
     # resolution are lost): only with precision=bf16, and only on purpose.
     master_dtype: str = "fp32"
-    parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard)
+    parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard) | hsdp (FSDP2 on a 2-D mesh: replicate x shard)
+    # hsdp: ranks per shard group (parameters sharded within it, replicated across groups); 0 = the local
+    # world size (one node: shard inside a node, replicate across nodes)
+    shard_group_size: int = 0
+    # torch.compile every transformer block (the towers' and the LLM's layers), before FSDP2 wraps them
+    compile: bool = False
     seed: int = 0
     log_every: int = 10
     save_every: int = 200  # checkpoint every N steps (and at the end)
     keep_last: int = 3
+    # periodic checkpoints written in the background (dcp.async_save): the step continues while the shards
+    # (copied to host memory first) go to disk; the final and the SIGTERM checkpoints are always synchronous
+    async_checkpoint: bool = False
+    # at the end of the run, the last checkpoint's weights in one model.safetensors (+ ema.safetensors)
+    consolidate: bool = True
     resume: Optional[str] = None  # latest | a checkpoint folder
     max_nonfinite: int = 10  # consecutive non-finite losses before the run stops
     tensorboard: bool = True
@@ -97,8 +107,10 @@ class TrainConfig:
             raise ValueError(f"train.master_dtype must be fp32 or bf16, got {self.master_dtype!r}")
         if self.master_dtype == "bf16" and self.precision != "bf16":
             raise ValueError("train.master_dtype=bf16 (pure bf16 weights) needs train.precision=bf16")
-        if self.parallel not in ("ddp", "fsdp"):
-            raise ValueError(f"train.parallel must be ddp or fsdp, got {self.parallel!r}")
+        if self.parallel not in ("ddp", "fsdp", "hsdp"):
+            raise ValueError(f"train.parallel must be ddp, fsdp or hsdp, got {self.parallel!r}")
+        if self.shard_group_size < 0:
+            raise ValueError("train.shard_group_size must be >= 0 (0: the local world size)")
         if self.steps < 1:
             raise ValueError("train.steps must be >= 1")
 

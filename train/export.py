@@ -46,12 +46,11 @@ def export_clip(args) -> Path:
 def export_assistant(args) -> Path:
     """A train.instruct checkpoint -> a transformers folder: LlavaForConditionalGeneration (LoRA merged)
     + a LlavaProcessor (image preprocessing, tokenizer, chat template) + a model card."""
-    from safetensors.torch import load_file
     from transformers import CLIPImageProcessor, LlavaProcessor
 
     from train.config import InstructRunConfig
     from train.instruct import build_assistant
-    from vlm.checkpoint import list_checkpoints, load_weights_into
+    from vlm.checkpoint import list_checkpoints, load_weights_into, model_weights
     from vlm.models.lora import merge_lora
     from vlm.models.vlm import stock_projector
 
@@ -64,7 +63,7 @@ def export_assistant(args) -> Path:
     cfg = _from_dict(InstructRunConfig, state["config"])
     cfg.model.init_from = None
     model, tokenizer = build_assistant(cfg)
-    load_weights_into(model, load_file(p / "model.safetensors"), str(p / "model.safetensors"))
+    load_weights_into(model, model_weights(p), str(p))
     merged = merge_lora(model)
     stock_projector(model)
     model.eval()

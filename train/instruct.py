@@ -110,7 +110,7 @@ class InstructTask:
         if ctx.d.enabled:
             dist.all_reduce(n)
         n = n.clamp(min=1.0)
-        total = 0.0
+        total = torch.zeros((), device=device)
         for j, b in enumerate(batches):
             inputs = {k: b[k].to(device) for k in ("input_ids", "attention_mask", "position_ids", "pixel_values") if k in b}
             with ctx.no_sync(last=j == len(batches) - 1), ctx.autocast():
@@ -119,8 +119,8 @@ class InstructTask:
                 loss_sum = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                            labels[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum")
                 (loss_sum * ctx.d.world_size / n).backward()
-            total += float(loss_sum.detach())
-        return {"loss": total * ctx.d.world_size / float(n), "tokens": float(n)}
+            total = total + loss_sum.detach()
+        return {"loss": total * ctx.d.world_size / n, "tokens": n}  # tensors: read at logging steps only
 
     def after_step(self, model) -> None:
         pass
@@ -146,14 +146,12 @@ def build_assistant(cfg: InstructRunConfig):
     if m.init_from:
         from pathlib import Path
 
-        from safetensors.torch import load_file
-
-        from vlm.checkpoint import list_checkpoints
+        from vlm.checkpoint import list_checkpoints, model_weights
 
         p = Path(m.init_from)
         if (p / "checkpoints").is_dir():
             p = list_checkpoints(p / "checkpoints")[-1]
-        load_weights_into(model, load_file(p / "model.safetensors"), f"model.init_from={m.init_from}")
+        load_weights_into(model, model_weights(p), f"model.init_from={m.init_from}")
     freeze_for_stage(model, m.stage, m.train_vision, train_llm=m.lora.r <= 0)  # LoRA: adapters on a frozen LLM
     if m.grad_checkpointing:
         enable_grad_checkpointing(model)

@@ -32,8 +32,12 @@ def build_optimizer(model: nn.Module, cfg, lr_scales=None) -> torch.optim.Optimi
         raise ValueError("no trainable parameters (every tower locked?)")
     for g in groups:
         g["lr"] = cfg.lr * g["lr_scale"]
-    fused = torch.cuda.is_available() and all(p.is_cuda for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
+    # fused AdamW (CPU and CUDA kernels): one kernel per step, and it skips a step on device when the trainer
+    # sets ``opt.found_inf`` (a non-finite loss or gradient) without the host reading the flag
+    try:
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
+    except RuntimeError:  # parameters the fused kernels do not take (a device or dtype without them)
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
 def lr_lambda(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
@@ -68,10 +72,16 @@ class EMA:
                         if canonical[id(p)] != n and canonical[id(p)] in self.shadow}  # tied weights
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, keep: torch.Tensor | None = None) -> None:
+        """One EMA step; ``keep`` (a 0-dim bool tensor, on device): False leaves the average as it is (a skipped
+        optimizer step), decided without reading the flag on the host."""
         params = dict(model.named_parameters())
+        weight = 1 - self.decay
+        if keep is not None:
+            weight = keep.to(torch.float32) * weight
         for n, s in self.shadow.items():
-            s.lerp_(params[n].detach().float(), 1 - self.decay)
+            w = weight.to(s.device) if torch.is_tensor(weight) else weight
+            s.lerp_(params[n].detach().float(), w)
 
     def state_dict(self, model_state: dict, main: bool = True) -> dict:
         """``model_state``: the model's full state dict (on ``main``; every rank must call this under FSDP2,

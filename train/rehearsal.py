@@ -409,9 +409,8 @@ def run(r: Rehearsal, d, steps: int = 2, max_skipped: float = 0.5) -> list[Check
     holds the full list; other ranks an empty one)."""
     import math
 
-    from safetensors.torch import load_file
-
     from train.trainer import Trainer
+    from vlm.checkpoint import model_weights, shard_metadata
 
     t = r.cfg.train
     t.steps, t.save_every, t.resume, t.log_every = steps, steps, None, 1
@@ -431,7 +430,7 @@ def run(r: Rehearsal, d, steps: int = 2, max_skipped: float = 0.5) -> list[Check
     if not (saved / "COMPLETE").exists():
         raise RuntimeError(f"the rehearsal's run wrote no complete checkpoint at step {steps} in {trainer.ckpt_dir}")
     if d.is_main:
-        after = load_file(saved / "model.safetensors")
+        after = model_weights(saved)
         changed = changed_fraction(before, after, group_of)
         for g in sorted(set(actual) | set(want)):
             exp, got, frac = want.get(g, "?"), actual.get(g, "absent"), changed.get(g, 0.0)
@@ -442,7 +441,7 @@ def run(r: Rehearsal, d, steps: int = 2, max_skipped: float = 0.5) -> list[Check
         loss = res["metrics"].get("loss", float("nan"))
         checks.append(Check("loss", math.isfinite(loss), f"{loss:.4f} at step {res['step']}"))
         if r.cfg.optim.ema_decay > 0:
-            ema = load_file(saved / "ema.safetensors") if (saved / "ema.safetensors").is_file() else {}
+            ema = model_weights(saved, ema=True) if any(k.startswith("ema.") for k in shard_metadata(saved)) else {}
             shapes = {k: tuple(v.shape) for k, v in after.items()}
             ok = bool(ema) and {k: tuple(v.shape) for k, v in ema.items()} == shapes
             checks.append(Check("ema", ok, f"decay {r.cfg.optim.ema_decay}: {len(ema)} tensors saved, "
@@ -454,10 +453,11 @@ def run(r: Rehearsal, d, steps: int = 2, max_skipped: float = 0.5) -> list[Check
     trainer = Trainer(model, **kwargs)
     trainer.resume(saved)
     state = trainer._model_state()  # collective under FSDP
-    data_ok = trainer.loader.state_dict() == json.loads((saved / "state.json").read_text())["data"][d.rank]
+    data_ok = json.loads(json.dumps(trainer.loader.state_dict())) == \
+        json.loads((saved / "state.json").read_text())["data"][d.rank]  # as JSON: tuples and lists alike
     data_ok = _gather_counts({"ok": int(data_ok)}, d).get("ok", 0) == d.world_size  # every rank's own
     if d.is_main:
-        ref = load_file(saved / "model.safetensors")
+        ref = model_weights(saved)
         same = set(ref) == set(state) and all(torch.equal(ref[k], state[k].to(ref[k].dtype)) for k in ref)
         checks.append(Check("checkpoint", same and data_ok,
                             f"{saved.name} reloaded: weights {'identical' if same else 'DIFFER'}, data position "

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import signal
 import threading
@@ -121,14 +120,14 @@ class Trainer:
         self.cfg, self.optim_cfg, self.d, self.task, self.loader = cfg, optim_cfg, d, task, loader
         self.run_config = run_config
         self.eval_fn, self.eval_model_fn, self._eval_model = eval_fn, eval_model_fn, None
-        if eval_fn is not None and cfg.parallel == "fsdp" and d.enabled and eval_model_fn is None:
+        if eval_fn is not None and cfg.parallel in ("fsdp", "hsdp") and d.enabled and eval_model_fn is None:
             raise ValueError("evaluation during FSDP training needs eval_model_fn (an unsharded model to load into)")
         self.raw_model = model
         master = torch.bfloat16 if cfg.master_dtype == "bf16" else torch.float32
         # FSDP2 needs one dtype per unit, fp32 compute needs fp32 weights; with DDP and bf16 autocast, frozen
         # weights may stay as stored (a LoRA run's bf16 base LLM keeps its memory)
         only_trainable = cfg.precision == "bf16" and cfg.master_dtype == "fp32" and not (
-            cfg.parallel == "fsdp" and d.enabled)
+            cfg.parallel in ("fsdp", "hsdp") and d.enabled)
         cast = set_master_dtype(model, master, only_trainable)
         if cast:
             log.info("master weights: %d tensors cast to %s (train.master_dtype=%s%s)", cast, master, cfg.master_dtype,
@@ -136,11 +135,14 @@ class Trainer:
         if cfg.master_dtype == "bf16":
             log.warning("train.master_dtype=bf16: weights and optimizer states in bf16; updates smaller than "
                         "bf16's resolution (~0.4%% of a weight) are lost")
-        self.model = parallelize(model, d, cfg.parallel, shard_modules, cfg.precision)
+        self.model = parallelize(model, d, cfg.parallel, shard_modules, cfg.precision, cfg.shard_group_size,
+                                 cfg.compile)
         self.opt = build_optimizer(self.model, optim_cfg, lr_scales)
         self.sched = build_scheduler(self.opt, optim_cfg, cfg.steps)
         self.ema = EMA(self.raw_model, optim_cfg.ema_decay) if optim_cfg.ema_decay > 0 else None
-        self.step, self.nonfinite_total, self.nonfinite_run = 0, 0, 0
+        self.step, self.nonfinite_total = 0, 0  # non-finite steps skipped (as read at the last logging step)
+        self._nf_run = torch.zeros((), dtype=torch.int64)  # on the device: read at logging steps only
+        self._nf_total = torch.zeros((), dtype=torch.int64)
         self.out = Path(cfg.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
         self.writer = self.wandb = None
@@ -151,6 +153,9 @@ class Trainer:
         self._stop_requested = False  # SIGTERM seen by this rank
         self._waiting_for_data = False
         self._data_pos: Optional[dict] = None  # the data position to save when a fetched step did not run
+        self._pending: Optional[ckpt.PendingSave] = None  # a checkpoint being written in the background
+        self._async_pg = None
+        self._ctl_group = None
 
     # -- state -------------------------------------------------------------------------------
     def _model_state(self) -> dict:
@@ -164,9 +169,26 @@ class Trainer:
         return get_optimizer_state_dict(self.model, self.opt,
                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
-    def save(self) -> None:
-        model_state, optim_state = self._model_state(), self._optim_state()  # collective under FSDP
-        ema_state = self.ema.state_dict(model_state, self.d.is_main) if self.ema else None  # collective under FSDP
+    def _shards(self) -> dict:
+        """This rank's part of everything a checkpoint holds as tensors: the model ("model.*"), the optimizer
+        states ("optim.state.*"; the hyperparameters come from the config and the scheduler) and the EMA
+        ("ema.*"). DTensor shards under FSDP2, full tensors otherwise (DCP writes each replica once)."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+
+        opts = StateDictOptions(full_state_dict=False, flatten_optimizer_state_dict=True)
+        out = {f"model.{k}": v for k, v in get_model_state_dict(self.model, options=opts).items()}
+        optim = get_optimizer_state_dict(self.model, self.opt, options=opts)
+        out.update({f"optim.{k}": v for k, v in optim.items() if k.startswith("state.") and torch.is_tensor(v)})
+        if self.ema is not None:
+            out.update({f"ema.{k}": v for k, v in self.ema.shadow.items()})
+        return out
+
+    def save(self, blocking: bool = True) -> None:
+        """Every rank writes its shards of step ``self.step`` (torch.distributed.checkpoint), rank 0 the small
+        files. ``blocking=False`` with ``train.async_checkpoint``: the shards are written in the background and
+        the checkpoint completes (COMPLETE, rename) when they are on disk."""
+        self._finish_pending()
         plain_rng, tensor_rng = ckpt.rng_state()
         # every rank's own data position: ranks read different shards, skip different samples
         data = self._data_pos if self._data_pos is not None else self.loader.state_dict()
@@ -175,27 +197,109 @@ class Trainer:
             dist.all_gather_object(ranks, (plain_rng, tensor_rng, data))
         else:
             ranks = [(plain_rng, tensor_rng, data)]
-        if self.d.is_main:
-            train_state = {"optimizer": optim_state, "scheduler": self.sched.state_dict(),
-                           "rng": [t for _, t, _ in ranks]}
-            state = {"step": self.step, "data": [x for _, _, x in ranks], "rng": [p for p, _, _ in ranks],
-                     "nonfinite_total": self.nonfinite_total, "world_size": self.d.world_size,
-                     "config": _jsonable(self.run_config)}
-            path = ckpt.save(self.ckpt_dir, self.step, model_state, train_state, state, ema_state, self.cfg.keep_last)
-            log.info("checkpoint -> %s", path)
-        if self.d.enabled:
-            dist.barrier()
+        small = {"scheduler": self.sched.state_dict(), "rng": [t for _, t, _ in ranks]}
+        state = {"step": self.step, "data": [x for _, _, x in ranks], "rng": [p for p, _, _ in ranks],
+                 "nonfinite_total": int(self._nf_total), "world_size": self.d.world_size,
+                 "parallel": self.cfg.parallel if self.d.enabled else "none",
+                 "ema_aliases": self.ema.aliases if self.ema else {}, "config": _jsonable(self.run_config)}
+        use_async = self.cfg.async_checkpoint and not blocking
+        pending = ckpt.save_sharded(self.ckpt_dir, self.step, self._shards(), small, state, self.cfg.keep_last,
+                                    main=self.d.is_main, async_save=use_async, process_group=self._ckpt_group())
+        if use_async:
+            self._pending = pending
+            log.info("checkpoint of step %d: writing in the background -> %s", self.step, pending.final)
+        elif self.d.is_main:
+            log.info("checkpoint -> %s", pending.final)
         self._last_saved = self.step
 
+    def _ckpt_group(self):
+        """Async saves run their collectives from a background thread: on a group of their own (gloo), as
+        torchtitan does, never interleaved with the training step's collectives on the default group."""
+        if not (self.cfg.async_checkpoint and self.d.enabled):
+            return None
+        if self._async_pg is None:
+            self._async_pg = dist.new_group(backend="gloo")
+        return self._async_pg
+
+    def _finish_pending(self, wait: bool = True) -> None:
+        """Complete a background checkpoint: wait for it (``wait``), or only if its shards are written."""
+        if self._pending is not None and (wait or self._pending.done()):
+            path = self._pending.finish()
+            self._pending = None
+            if self.d.is_main:
+                log.info("checkpoint -> %s", path)
+
     def resume(self, path: Path) -> None:
+        """Load a checkpoint into this run: the same world size continues exactly; another world size reshards
+        the weights, optimizer states and EMA (DCP) and redeals the epoch's unread data (ShardLoader)."""
+        if not ckpt.is_sharded(path):
+            return self._resume_single_file(path)
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        state = json.loads((path / "state.json").read_text())
+        small = torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
+        opts = StateDictOptions(full_state_dict=False, flatten_optimizer_state_dict=True)
+        msd = get_model_state_dict(self.model, options=opts)
+        osd = get_optimizer_state_dict(self.model, self.opt, options=opts)  # states initialised to load into
+        tensors = {f"model.{k}": v for k, v in msd.items()}
+        tensors.update({f"optim.{k}": v for k, v in osd.items() if k.startswith("state.") and torch.is_tensor(v)})
+        saved = ckpt.shard_metadata(path)
+        if self.ema is not None:
+            if any(k.startswith("ema.") for k in saved):
+                tensors.update({f"ema.{k}": v for k, v in self.ema.shadow.items()})
+            else:
+                log.warning("%s holds no EMA: the EMA starts from the resumed weights", path)
+        ckpt.load_sharded(path, tensors)
+        set_model_state_dict(self.model, msd, options=opts)
+        set_optimizer_state_dict(self.model, self.opt, osd, options=opts)
+        self.sched.load_state_dict(small["scheduler"])
+        for g, lr in zip(self.opt.param_groups, self.sched.get_last_lr()):
+            g["lr"] = lr  # the scheduler sets it only at its next step
+        self._resume_position(path, state, small["rng"])
+
+    def _resume_position(self, path: Path, state: dict, tensor_rngs: list) -> None:
+        """Data position, RNGs and counters of a checkpoint. Another world size (or num_workers): the loader
+        redeals what the epoch has left (ShardLoader.load_state_dicts); rank r takes saved rank r's RNGs when
+        there was one, else a seed of (train.seed, step, rank)."""
+        data, old_world = state["data"], state["world_size"]
+        if not isinstance(data, list):  # checkpoints of older versions: one position
+            data = [data]
+        self.loader.load_state_dicts(data)  # the same shape: exactly load_state_dict(data[rank])
+        if old_world != self.d.world_size:
+            log.warning("%s was written by %d processes, this run has %d: weights, optimizer states and EMA "
+                        "resharded; the epoch's unread samples redealt across the new ranks", path, old_world,
+                        self.d.world_size)
+        if self.d.rank < len(state["rng"]):
+            ckpt.set_rng_state(state["rng"][self.d.rank], tensor_rngs[self.d.rank])
+        else:
+            import random
+
+            import numpy as np
+
+            seed = (self.cfg.seed * 1_000_003 + state["step"] * 1009 + self.d.rank) % 2**31
+            random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+        self.step, self.nonfinite_total = state["step"], state.get("nonfinite_total", 0)
+        self._nf_total = torch.tensor(self.nonfinite_total, dtype=torch.int64, device=self.d.device)
+        self._nf_run = torch.zeros((), dtype=torch.int64, device=self.d.device)
+        self._first_step = self.step
+        self._last_saved = self.step
+        log.info("resumed from %s at step %d (epoch %d, %d batches into it)", path, self.step,
+                 self.loader.epoch, self.loader.batches)
+
+    def _resume_single_file(self, path: Path) -> None:
+        """Checkpoints of earlier versions (model.safetensors + the whole optimizer in train_state.pt): the
+        same world size only."""
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)
 
         model_state, train_state, state, ema = ckpt.load(path)
         if state["world_size"] != self.d.world_size:
-            raise ckpt.CheckpointError(f"{path} was written with world size {state['world_size']}; this run has "
-                                       f"{self.d.world_size} (exact resume needs the same)")
-        if self.cfg.parallel != "fsdp" or not self.d.enabled:
+            raise ckpt.CheckpointError(f"{path} is a single-file checkpoint written with world size "
+                                       f"{state['world_size']}; this run has {self.d.world_size}: only sharded "
+                                       "(dcp/) checkpoints reshard")
+        if self.cfg.parallel not in ("fsdp", "hsdp") or not self.d.enabled:
             ckpt.check_weights(unwrap(self.model), model_state, str(path))
         opts = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.model, model_state, options=opts)
@@ -206,14 +310,7 @@ class Trainer:
         self.sched.load_state_dict(train_state["scheduler"])
         if self.ema is not None and ema is not None:
             self.ema.load_state_dict(ema)
-        data = state["data"]  # one position per rank (a single dict in checkpoints of older versions)
-        self.loader.load_state_dict(data[self.d.rank] if isinstance(data, list) else data)
-        ckpt.set_rng_state(state["rng"][self.d.rank], train_state["rng"][self.d.rank])
-        self.step, self.nonfinite_total = state["step"], state.get("nonfinite_total", 0)
-        self._first_step = self.step
-        self._last_saved = self.step
-        log.info("resumed from %s at step %d (epoch %d, %d batches into it)", path, self.step,
-                 self.loader.epoch, self.loader.batches)
+        self._resume_position(path, state, train_state["rng"])
 
     def _load_scalar_optim_state(self, saved: dict) -> None:
         """Load an optimizer state saved by name (get_optimizer_state_dict) when every trained parameter is a
@@ -257,8 +354,10 @@ class Trainer:
         at different points of a step): the ranks then save one checkpoint together."""
         if not self.d.enabled:
             return local
-        flag = torch.tensor([int(local)], device=self.d.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if self._ctl_group is None:  # a CPU (gloo) group: agreeing never waits for the accelerator's queue
+            self._ctl_group = dist.new_group(backend="gloo") if self.d.device.type != "cpu" else dist.group.WORLD
+        flag = torch.tensor([int(local)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._ctl_group)
         return bool(flag.item())
 
     def _next_batch(self) -> dict:
@@ -339,10 +438,18 @@ class Trainer:
                 log.warning("SIGTERM: every rank stops at step %d and saves a checkpoint", self.step)
             if self._last_saved != self.step:
                 self.save()
+            self._finish_pending()
+            if self.cfg.consolidate and not preempted:
+                self._consolidate()
             results = {}
             if self.eval_fn and not preempted:
                 results = self._last_eval[1] if self._last_eval[0] == self.step else self._eval()
         finally:
+            if self._pending is not None and self.d.is_main:  # an exception: let the background write end
+                try:
+                    self._finish_pending()
+                except Exception as e:  # noqa: BLE001 - the original error matters more
+                    log.error("the background checkpoint did not complete: %s", e)
             if watch is not None:
                 watch.close()
             bar.close()
@@ -355,49 +462,63 @@ class Trainer:
         return {"step": self.step, "metrics": self._last_metrics, "eval": results, "preempted": preempted}
 
     def _train_step(self, batches: list[dict], ctx: StepContext, data_time: float, bar) -> None:
+        """One optimizer step with no host sync outside logging steps: the loss is averaged over ranks, the
+        gradient clipped and a non-finite loss or gradient detected on the device; the fused AdamW kernel skips
+        such a step itself (``found_inf``, as GradScaler does), the EMA leaves it out, and the counters are read
+        at the next logging step (where ``train.max_nonfinite`` in a row stops the run). A skipped step still
+        counts as a step (its batch is spent, the schedule moves on)."""
         self.model.train()
         metrics = self.task.train_step(self.model, batches, ctx)
         sync_replicated_grads(self.model)
         if self.step == self._first_step:
             self._check_all_params_used()
-        loss = all_reduce_mean(torch.tensor([metrics["loss"]], device=self.d.device)).item()
-        if self.optim_cfg.grad_clip > 0 and math.isfinite(loss):
-            metrics["grad_norm"] = clip_grad_norm(list(self.model.parameters()), self.optim_cfg.grad_clip)
-            if not math.isfinite(metrics["grad_norm"]):
-                loss = metrics["grad_norm"]  # a finite loss with non-finite gradients: skip the step too
-        if not math.isfinite(loss):
-            self._on_nonfinite(loss)
-            return
-        self.nonfinite_run = 0
-        self.opt.step()
+        dev = self.d.device
+        loss = all_reduce_mean(torch.as_tensor(metrics["loss"], dtype=torch.float32, device=dev).reshape(1))[0]
+        bad = ~torch.isfinite(loss)
+        if self.optim_cfg.grad_clip > 0:
+            norm = clip_grad_norm(list(self.model.parameters()), self.optim_cfg.grad_clip).to(dev)
+            metrics["grad_norm"] = norm
+            bad = bad | ~torch.isfinite(norm)  # a finite loss with non-finite gradients: skip the step too
+        if self.opt.defaults.get("fused"):
+            self.opt.found_inf = bad.to(torch.float32)
+            self.opt.step()
+        elif not bool(bad):  # optimizers without the fused kernel: one read of the flag per step
+            self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         self.task.after_step(unwrap(self.model))
         if self.ema:
-            self.ema.update(self.raw_model)
+            self.ema.update(self.raw_model, keep=~bad)
+        self._nf_run = torch.where(bad, self._nf_run.to(dev) + 1, torch.zeros_like(self._nf_run, device=dev))
+        self._nf_total = self._nf_total.to(dev) + bad.to(torch.int64)
         self.step += 1
         self._samples_since += sum(len(b.get("keys", [])) for b in batches) * self.d.world_size
-        metrics.update(loss=loss, lr=self.sched.get_last_lr()[0], data_time=data_time,
-                       skipped_samples=sum(self.loader.skipped.values()), nonfinite_steps=self.nonfinite_total)
+        metrics.update(loss=loss, lr=self.sched.get_last_lr()[0], data_time=data_time)
         self._last_metrics = metrics
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{metrics['lr']:.2e}")
         if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
-            dt = time.time() - self._t_log
-            metrics["samples_per_s"] = self._samples_since / max(dt, 1e-9)
-            self._t_log, self._samples_since = time.time(), 0
-            self._log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-                      | {f"skipped/{k}": v for k, v in self.loader.skipped.items()})
-        if self.cfg.save_every and self.step % self.cfg.save_every == 0:
-            self.save()
+            self._log_step(metrics, bar)
+        self._finish_pending(wait=False)
+        if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.cfg.steps:
+            self.save(blocking=False)
         if self.eval_fn and self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
             self._eval()
+
+    def _consolidate(self) -> None:
+        """The last checkpoint's weights in one model.safetensors (and ema.safetensors), for stock loaders and
+        export: rank 0 assembles them from the shards just written, one copy of the model in its memory."""
+        path = self.ckpt_dir / f"step_{self.step:08d}"
+        if self.d.is_main and (path / "COMPLETE").exists():
+            for f in ckpt.consolidate(path):
+                log.info("consolidated weights -> %s", f)
+        if self.d.enabled:
+            dist.barrier()
 
     def _eval_model_now(self) -> Optional[nn.Module]:
         """The model rank 0 evaluates: the training model itself, or under FSDP2 an unsharded copy loaded
         with the gathered weights (FSDP's parameters are shards outside its own forward; methods such as
         encode_image bypass its hooks). Every rank must call this (the gather is a collective)."""
-        if not (self.cfg.parallel == "fsdp" and self.d.enabled):
+        if not (self.cfg.parallel in ("fsdp", "hsdp") and self.d.enabled):
             return unwrap(self.model)
         state = self._model_state()
         if not self.d.is_main:
@@ -428,16 +549,28 @@ class Trainer:
             raise RuntimeError(f"trainable parameters got no gradient in the first step: {unused[:8]}; freeze them "
                                "(requires_grad=False) or make the loss use them")
 
-    def _on_nonfinite(self, loss: float) -> None:
-        self.opt.zero_grad(set_to_none=True)
-        self.nonfinite_total += 1
-        self.nonfinite_run += 1
-        log.warning("non-finite loss (%s) at step %d: step skipped (%d in a row, %d in all)", loss, self.step,
-                    self.nonfinite_run, self.nonfinite_total)
-        if self.nonfinite_run >= self.cfg.max_nonfinite:
+    def _log_step(self, metrics: dict, bar) -> None:
+        """Read the step's tensors (one host sync), check the non-finite counters, log."""
+        keys = [k for k, v in metrics.items() if torch.is_tensor(v)]
+        values = torch.stack([metrics[k].detach().float().reshape(()).to(self.d.device) for k in keys]
+                             + [self._nf_run.float(), self._nf_total.float()]).tolist() if keys else []
+        metrics.update(zip(keys, values))
+        nf_run, nf_total = (int(values[-2]), int(values[-1])) if keys else (0, 0)
+        if nf_total > self.nonfinite_total:
+            log.warning("%d non-finite step(s) skipped since the last log (%d in a row at step %d, %d in all)",
+                        nf_total - self.nonfinite_total, nf_run, self.step, nf_total)
+        self.nonfinite_total = nf_total
+        if nf_run >= self.cfg.max_nonfinite:
             raise NonFiniteError(
-                f"{self.nonfinite_run} non-finite losses in a row at step {self.step}: stopping. The last good "
+                f"{nf_run} non-finite losses in a row at step {self.step}: stopping. The last good "
                 f"checkpoint is intact in {self.ckpt_dir}; lower optim.lr, use fp32, or check the data.")
+        metrics.update(skipped_samples=sum(self.loader.skipped.values()), nonfinite_steps=nf_total)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+        dt = time.time() - self._t_log
+        metrics["samples_per_s"] = self._samples_since / max(dt, 1e-9)
+        self._t_log, self._samples_since = time.time(), 0
+        self._log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+                  | {f"skipped/{k}": v for k, v in self.loader.skipped.items()})
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

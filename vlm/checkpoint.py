@@ -1,26 +1,37 @@
-"""Checkpoints: one Stateful bundle per step, written atomically, the last K kept.
+"""Checkpoints: one folder per step, written by every rank in parallel, atomic, the last K kept.
 
 A checkpoint is a folder ``<dir>/step_<N>/``:
 
-    model.safetensors   the model's full state dict (safetensors: no pickle)
-    ema.safetensors     the EMA weights, when EMA is on
-    train_state.pt      optimizer, scheduler, grad scaler, torch RNG states (tensors and plain
-                        containers only: loaded with torch.load(weights_only=True))
-    state.json          step, epoch, data-stream position, python/numpy RNG, counters, config
+    dcp/                torch.distributed.checkpoint (DCP) shards: every rank writes its own part of the
+                        model ("model.*"), the optimizer states ("optim.*") and the EMA weights ("ema.*"),
+                        tensors only; DCP reshards them on load, so a run resumes on another world size
+    train_state.pt      scheduler and torch RNG states of every rank (tensors and plain containers only:
+                        loaded with torch.load(weights_only=True))
+    state.json          step, data-stream positions, python/numpy RNGs, counters, world size, config
+    model.safetensors   the whole model in one file (stock loaders read it): written at the end of a run
+                        (and by ``consolidate``); the intermediate checkpoints have only the shards
+    ema.safetensors     the same with the EMA weights, when EMA is on
     COMPLETE            written last
 
-It is written as ``step_<N>.tmp`` and renamed when complete, so a crash never leaves a half
-checkpoint that ``resume=latest`` could pick. Only rank 0 writes (the state dict is gathered to
-full first, which also works under FSDP2).
+It is written as ``step_<N>.tmp`` and renamed when every rank has finished (the data fsynced first), so a
+crash never leaves a half checkpoint that ``resume=latest`` could pick. No rank ever holds the whole
+optimizer state; rank 0 writes the small files. Multi-node runs need ``output_dir`` on a shared file system.
+
+Reading never unpickles arbitrary objects: DCP's metadata file is read with an allowlist of its own
+classes, and checkpoints holding pickled (non-tensor) entries are refused. ``model_weights(path)`` gives
+the full weights of any checkpoint (this format, or the older single-file one) for ``init_from``,
+``eval.*`` and ``train.export``.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Optional
 
@@ -80,12 +91,96 @@ def resolve(resume: Optional[str], folder: str | Path) -> Optional[Path]:
     return p
 
 
+def is_sharded(path: str | Path) -> bool:
+    return (Path(path) / "dcp").is_dir()
+
+
+# -- writing -----------------------------------------------------------------------------------------------
+class PendingSave:
+    """A checkpoint whose shards are still being written (``dcp.async_save``): ``finish()`` waits for them and,
+    on rank 0, completes the folder (COMPLETE, rename, pruning). ``done()`` polls without waiting."""
+
+    def __init__(self, future: Optional[Future], tmp: Path, final: Path, keep_last: int, main: bool):
+        self.future, self.tmp, self.final, self.keep_last, self.main = future, tmp, final, keep_last, main
+
+    def done(self) -> bool:
+        return self.future is None or self.future.done()
+
+    def finish(self) -> Path:
+        if self.future is not None:
+            self.future.result()  # re-raises a failed write
+            self.future = None
+        if self.main and self.tmp.exists():
+            _complete(self.tmp, self.final, self.keep_last)
+        return self.final
+
+
+def save_sharded(folder: str | Path, step: int, tensors: dict, small: dict, state: dict, keep_last: int = 3,
+                 main: bool = True, async_save: bool = False, process_group=None) -> PendingSave:
+    """Write ``folder/step_<step>``: ``tensors`` (plain tensors or DTensors, named "model.*", "optim.*", "ema.*")
+    as DCP shards by every rank, ``small`` (train_state.pt) and ``state`` (state.json) by rank 0 (``main``).
+    A collective under torch.distributed: every rank calls it with its own shards. With ``async_save`` the
+    shards are copied to host memory and written in the background (``PendingSave.finish()`` completes)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    bad = sorted(k for k, v in tensors.items() if not torch.is_tensor(v))
+    if bad:
+        raise CheckpointError(f"checkpoint shards hold tensors only; got other values for {bad[:5]}")
+    folder = Path(folder)
+    final, tmp = folder / f"step_{step:08d}", folder / f"step_{step:08d}.tmp"
+    distributed = dist.is_available() and dist.is_initialized()
+    if main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        torch.save(small, tmp / "train_state.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    if distributed:
+        dist.barrier()
+    writer = dcp.FileSystemWriter(str(tmp / "dcp"), single_file_per_rank=True, sync_files=True)
+    kw = dict(storage_writer=writer, process_group=process_group, no_dist=not distributed)
+    import warnings
+
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+        warnings.filterwarnings("ignore", message=".*single process.*")
+        if async_save:
+            fut = dcp.async_save(tensors, **kw)
+            fut = getattr(fut, "upload_completion", fut)  # newer torch wraps the future in a response object
+            return PendingSave(fut, tmp, final, keep_last, main)
+        dcp.save(tensors, **kw)
+    pending = PendingSave(None, tmp, final, keep_last, main)
+    pending.finish()
+    if distributed:
+        dist.barrier()
+    return pending
+
+
+def _complete(tmp: Path, final: Path, keep_last: int) -> None:
+    """fsync the small files and the folders, write COMPLETE, rename into place, prune old checkpoints."""
+    for p in (tmp / "train_state.pt", tmp / "state.json", tmp / "model.safetensors", tmp / "ema.safetensors"):
+        if p.exists():
+            _fsync(p)
+    if (tmp / "dcp").is_dir():
+        _fsync(tmp / "dcp")
+    with open(tmp / "COMPLETE", "w") as f:
+        f.write(final.name.split("_")[-1])
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync(tmp)  # the folder's entries
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync(final.parent)  # the rename itself
+    for old in list_checkpoints(final.parent)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def save(folder: str | Path, step: int, model_state: dict, train_state: dict, state: dict,
          ema_state: Optional[dict] = None, keep_last: int = 3) -> Path:
-    """Write ``folder/step_<step>`` atomically and prune to the last ``keep_last``."""
+    """Write a single-process, single-file checkpoint (``model.safetensors`` + ``train_state.pt``) atomically."""
     folder = Path(folder)
-    final = folder / f"step_{step:08d}"
-    tmp = folder / f"step_{step:08d}.tmp"
+    final, tmp = folder / f"step_{step:08d}", folder / f"step_{step:08d}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
@@ -94,20 +189,7 @@ def save(folder: str | Path, step: int, model_state: dict, train_state: dict, st
         save_file(_unshared(ema_state), tmp / "ema.safetensors")
     torch.save(train_state, tmp / "train_state.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    for name in ("model.safetensors", "ema.safetensors", "train_state.pt", "state.json"):
-        if (tmp / name).exists():
-            _fsync(tmp / name)  # the data on disk before COMPLETE says it is
-    with open(tmp / "COMPLETE", "w") as f:
-        f.write(str(step))
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync(tmp)  # the folder's entries
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync(folder)  # the rename itself
-    for old in list_checkpoints(folder)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    _complete(tmp, final, keep_last)
     return final
 
 
@@ -134,8 +216,147 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _atomic_save_file(tensors: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(_unshared(tensors), tmp)
+    _fsync(tmp)
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+# -- reading -----------------------------------------------------------------------------------------------
+_SAFE_MODULES = ("torch.distributed.checkpoint.",)
+_SAFE_NAMES = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+               ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
+               ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's ``.metadata`` is a pickle: read it with its own dataclasses, torch sizes, dtypes and layouts only."""
+
+    def find_class(self, module: str, name: str):
+        if module.startswith(_SAFE_MODULES) or (module, name) in _SAFE_NAMES or (
+                module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
+                                                                              torch.memory_format))):
+            return super().find_class(module, name)
+        raise CheckpointError(f"checkpoint metadata refers to {module}.{name}, which a DCP checkpoint never holds: "
+                              "refusing to load it")
+
+
+def _reader(dcp_dir: Path):
+    from torch.distributed.checkpoint import BytesStorageMetadata, FileSystemReader
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            path = Path(self._get_metadata_path(kwargs.get("rank")))
+            try:
+                with open(path, "rb") as f:
+                    md = _MetadataUnpickler(f).load()
+            except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ValueError) as e:
+                if isinstance(e, CheckpointError):
+                    raise
+                raise CheckpointError(f"{path}: unreadable checkpoint metadata ({type(e).__name__}: {e})") from None
+            objects = [k for k, v in md.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)]
+            if objects:  # DCP would torch.load them with weights_only=False
+                raise CheckpointError(f"{path}: holds pickled objects ({objects[:3]}): refusing to load them")
+            from torch.distributed.checkpoint.metadata import StorageMeta
+
+            if getattr(md, "storage_meta", None) is None:
+                md.storage_meta = StorageMeta()
+            md.storage_meta.load_id = self.load_id
+            return md
+
+    return SafeReader(str(dcp_dir))
+
+
+def shard_metadata(path: str | Path) -> dict:
+    """{name: (shape, dtype)} of every tensor in a checkpoint's DCP shards."""
+    md = _reader(Path(path) / "dcp").read_metadata()
+    return {k: (tuple(v.size), v.properties.dtype) for k, v in md.state_dict_metadata.items()}
+
+
+def load_sharded(path: str | Path, tensors: dict, strict: bool = True) -> None:
+    """Load the DCP shards of ``path`` into ``tensors`` in place (any sharding: DCP reshards). A collective
+    under torch.distributed. ``strict``: every requested tensor must be in the checkpoint."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path)
+    if not (path / "COMPLETE").exists():
+        raise CheckpointError(f"{path} is not a complete checkpoint")
+    reader = _reader(path / "dcp")
+    saved = reader.read_metadata().state_dict_metadata
+    missing = sorted(set(tensors) - set(saved))
+    if missing and strict:
+        raise CheckpointError(f"{path} lacks {len(missing)} tensors this run needs: {missing[:8]}")
+    want = {k: v for k, v in tensors.items() if k in saved}
+    shapes = [f"{k}: saved {tuple(saved[k].size)} vs {tuple(v.shape)}" for k, v in want.items()
+              if tuple(saved[k].size) != tuple(v.shape)]
+    if shapes:
+        raise CheckpointError(f"{path} does not match this model: " + "; ".join(shapes[:8]))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*single process.*")
+        dcp.load(want, storage_reader=reader, no_dist=not (dist.is_available() and dist.is_initialized()))
+
+
+def _read_full(path: Path, prefix: str) -> dict:
+    """Every tensor named ``prefix*`` of a checkpoint's shards, whole, in this process (no process group)."""
+    import torch.distributed.checkpoint as dcp
+
+    meta = shard_metadata(path)
+    out = {k: torch.empty(shape, dtype=dtype) for k, (shape, dtype) in meta.items() if k.startswith(prefix)}
+    if out:
+        import warnings
+
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message=".*single process.*")
+            dcp.load(out, storage_reader=_reader(path / "dcp"), no_dist=True)
+    return {k[len(prefix):]: v for k, v in out.items()}
+
+
+def model_weights(path: str | Path, ema: bool = False) -> dict:
+    """The whole model's weights of a checkpoint folder: ``model.safetensors`` (``ema.safetensors``) when there,
+    else assembled from the DCP shards in this process. With ``ema``: the model's state with the averaged
+    weights in place (tied aliases included)."""
+    path = Path(path)
+    single = path / ("ema.safetensors" if ema else "model.safetensors")
+    if single.is_file():
+        return load_file(single)
+    if not is_sharded(path):
+        raise CheckpointError(f"{path}: no {single.name} and no dcp/ shards" +
+                              (" (the run had no EMA)" if ema and (path / "model.safetensors").is_file() else ""))
+    weights = _read_full(path, "model.")
+    if ema:
+        averaged = _read_full(path, "ema.")
+        if not averaged:
+            raise CheckpointError(f"{path}: the run had no EMA")
+        weights.update(averaged)
+        aliases = json.loads((path / "state.json").read_text()).get("ema_aliases", {})
+        for alias, name in aliases.items():
+            weights[alias] = weights[name]
+    return weights
+
+
+def consolidate(path: str | Path) -> list[Path]:
+    """Write ``model.safetensors`` (and ``ema.safetensors`` when the run had EMA) into a sharded checkpoint
+    from its DCP shards, each file atomically. Returns the files written."""
+    path = Path(path)
+    written = []
+    for ema, name in ((False, "model.safetensors"), (True, "ema.safetensors")):
+        if (path / name).is_file():
+            continue
+        if ema and not any(k.startswith("ema.") for k in shard_metadata(path)):
+            continue
+        _atomic_save_file(model_weights(path, ema=ema), path / name)
+        written.append(path / name)
+    return written
+
+
 def load(path: str | Path) -> tuple[dict, dict, dict, Optional[dict]]:
-    """-> (model state, train state, state.json, ema state or None). Never unpickles objects."""
+    """A single-file checkpoint -> (model state, train state, state.json, ema state or None). Never unpickles
+    objects."""
     path = Path(path)
     if not (path / "COMPLETE").exists():
         raise CheckpointError(f"{path} is not a complete checkpoint")

@@ -58,10 +58,14 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    local_world_size: int = 0  # processes on this node (torchrun's LOCAL_WORLD_SIZE); 0: world_size
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def __post_init__(self):
+        self.local_world_size = self.local_world_size or self.world_size
 
     @property
     def enabled(self) -> bool:
@@ -77,4 +81,5 @@ def torchrun_env() -> Dist:
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
-    return Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), local, device)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    return Dist(int(os.environ.get("RANK", 0)), world, local, device, int(os.environ.get("LOCAL_WORLD_SIZE", world)))

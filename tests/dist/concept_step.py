@@ -56,7 +56,7 @@ def step(d, scenario: str, parallel: str, accum: int) -> dict:
     wrapped = parallelize(model, d, parallel)
     metrics = ClipTask(cfg, tok).train_step(wrapped, batches, StepContext(wrapped, d, "fp32"))
     sync_replicated_grads(wrapped)
-    loss = torch.tensor([metrics["loss"], metrics["loss_concept"]])
+    loss = torch.stack([torch.as_tensor(metrics["loss"]), torch.as_tensor(metrics["loss_concept"])]).float()
     if d.enabled:
         dist.all_reduce(loss)
         loss /= d.world_size

@@ -227,7 +227,7 @@ def load_clip(path: str | Path, use_ema: bool = False) -> tuple[MedCLIP, dict]:
 
     from safetensors.torch import load_file
 
-    from vlm.checkpoint import list_checkpoints, load_weights_into
+    from vlm.checkpoint import is_sharded, list_checkpoints, load_weights_into, model_weights
 
     p = Path(path)
     if (p / "checkpoints").is_dir():  # a run folder: its newest checkpoint
@@ -243,14 +243,12 @@ def load_clip(path: str | Path, use_ema: bool = False) -> tuple[MedCLIP, dict]:
             raise ValueError(f"{p}: no open_clip_model.safetensors")
         load_weights_into(model.clip, load_file(weights), str(weights))
         return model.eval(), {"arch": cfg["model_cfg"], "source": str(p), "preprocess": cfg.get("preprocess_cfg", {})}
-    if (p / "state.json").is_file() and (p / "model.safetensors").is_file():
+    if (p / "state.json").is_file() and ((p / "model.safetensors").is_file() or is_sharded(p)):
         state = json.loads((p / "state.json").read_text())
         mcfg = state["config"]["model"]
         name = mcfg["name"]
         model = MedCLIP(name, pretrained_text=False)
-        fname = "ema.safetensors" if use_ema else "model.safetensors"
-        if not (p / fname).is_file():
-            raise ValueError(f"{p}: no {fname}" + (" (the run had no EMA)" if use_ema else ""))
+        weights = model_weights(p, ema=use_ema)
         lora = {t: mcfg.get(f"lora_{t}", {}) for t in ("image", "text")}
         if any(c.get("r", 0) > 0 for c in lora.values()):  # rebuild the adapters, load, fold them in
             from vlm.models.lora import inject_lora
@@ -259,14 +257,14 @@ def load_clip(path: str | Path, use_ema: bool = False) -> tuple[MedCLIP, dict]:
                 if c.get("r", 0) > 0:
                     inject_lora(model, model.tower_prefix(tower), c["target"], c["r"], c["alpha"], 0.0,
                                 adapter_name=f"lora_{tower}", method=c.get("method", "lora"))
-            load_weights_into(model, load_file(p / fname), str(p / fname))
+            load_weights_into(model, weights, str(p))
             from vlm.models.lora import merge_lora
 
             merge_lora(model)
         else:
-            load_weights_into(model, load_file(p / fname), str(p / fname))
+            load_weights_into(model, weights, str(p))
         image = state["config"].get("data", {}).get("image", {})
         return model.eval(), {"arch": model.arch, "source": str(p), "model_name": name, "step": state["step"],
                               "image": image, "config": state["config"]}
-    raise ValueError(f"{p} is neither a train.clip checkpoint (state.json + model.safetensors) nor an open_clip "
+    raise ValueError(f"{p} is neither a train.clip checkpoint (state.json + weights) nor an open_clip "
                      "export (open_clip_config.json)")

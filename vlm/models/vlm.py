@@ -305,9 +305,7 @@ def load_assistant(path: str | Path):
     checkpoint folder (LoRA merged). -> (model in eval mode, tokenizer, image settings dict)."""
     import json
 
-    from safetensors.torch import load_file
-
-    from vlm.checkpoint import list_checkpoints, load_weights_into
+    from vlm.checkpoint import list_checkpoints, load_weights_into, model_weights
     from vlm.models.lora import merge_lora
 
     p = Path(path)
@@ -321,7 +319,7 @@ def load_assistant(path: str | Path):
         if "chat" not in cfg:
             raise ValueError(f"{p} is not a train.instruct checkpoint")
         model, tokenizer = assistant_from_config(cfg["model"], cfg["chat"].get("image_token", "<image>"))
-        load_weights_into(model, load_file(p / "model.safetensors"), str(p / "model.safetensors"))
+        load_weights_into(model, model_weights(p), str(p))
         merge_lora(model)
         image = cfg["data"]["image"]
         return model.eval(), tokenizer, {"size": image["size"], "mean": image["mean"], "std": image["std"],
