@@ -8,6 +8,9 @@ PY     := $(BIN)/python
 # torch from this machine's disk (DESIGN section 7); everything else from setup.py
 TORCH  := torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed
+# what demo needs installed first; tests/test_demo.py runs the demo in a copy of the repo with INSTALL= so
+# that the copy never re-installs the package (an editable install pointing into a temporary folder)
+INSTALL ?= $(STAMP)
 
 DEMO   := runs/demo
 DATA   := data/demo
@@ -66,11 +69,11 @@ define stage
 	fi
 endef
 
-demo: $(STAMP) $(STAGES)/summary
+demo: $(INSTALL) $(STAGES)/summary
 	@echo "[demo] finished ($$($(PY) -c "import json; print(json.load(open('$(DEMO)/summary.json'))['seconds'])")s of stages): corpus in $(DATA), runs and logs in $(DEMO)"
 	@echo "[demo] summary: $(DEMO)/summary.json, report: $(DEMO)/README.md"
 
-$(STAGES)/synth: | $(STAMP)
+$(STAGES)/synth: | $(INSTALL)
 	$(call stage,synth,$(PY) -m data_prep.synth --out $(DATA)/synth --num-train $(SYNTH_TRAIN) --num-test $(SYNTH_TEST) --image-size 64 --overwrite)
 
 $(STAGES)/shards: $(STAGES)/synth
@@ -146,5 +149,12 @@ clean-demo:
 contracts: $(STAMP)
 	bash ../shared/checks/contracts.sh
 
-bench: $(STAMP)
+# every benchmark, each building its peer's environment from nothing on first use (.peer-venv); the
+# assistant benchmarks need make demo's tower, tokenizer and stage-2 checkpoint
+bench: $(STAMP) $(STAGES)/summary
 	$(PY) bench/data_pipeline.py
+	$(PY) bench/clip_train.py
+	$(PY) bench/clip_train.py --compile
+	$(PY) bench/instruct_packing.py
+	$(PY) bench/generate.py
+	$(PY) bench/resume.py

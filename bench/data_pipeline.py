@@ -6,9 +6,12 @@ Both pipelines read the same shards (synthetic corpus JPEGs at --source-size px)
 their training transform to --image-size, tokenize the caption with the same open_clip tokenizer,
 and batch; we count samples/s after a warm-up. The peer is `open_clip_train.data.get_wds_dataset`
 with its training preprocess (RandomResizedCrop + normalise), run in its own environment (see
-bench/common.py). Then our pipeline's peak RSS (main + workers) while streaming 10 and 100 shards,
-which must stay flat. Last line:
-{"bench": "data_pipeline", "ours": ..., "peer": ..., "ratio": ours/peer, ...}
+bench/common.py). A second line gives the peer the same work per image as ours (our resize to fit,
+bilinear on uint8, pad and normalise, as a PIL transform in its pipeline) instead of its own
+RandomResizedCrop + bicubic: pipeline against pipeline, not transform against transform. Then our
+pipeline's peak memory (PSS of main + workers) while streaming 10, 100 and 300 shards: the run fails
+unless the 300-shard peak is within 10% of the 100-shard one. Last line:
+{"bench": "data_pipeline", "ours": ..., "peer": ..., "ratio": ours/peer, "equal_work": {...}, ...}
 """
 from __future__ import annotations
 
@@ -67,6 +70,33 @@ def run_ours(a) -> dict:
     return {"samples_per_s": max(rates), "all": rates}
 
 
+class OursOnPil:
+    """Our training transform's work (vlm.data.transforms.MedicalImageTransform.from_bytes: resize to fit,
+    bilinear on uint8, normalise with one multiply-add into a zero-padded square) on the PIL image the peer's
+    pipeline decodes: the equal-work comparison."""
+
+    def __init__(self, size: int):
+        from vlm.data.transforms import ImageConfig, MedicalImageTransform
+
+        self.t = MedicalImageTransform(ImageConfig(size=size))
+
+    def __call__(self, img):
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        t, s = self.t, self.t.size
+        img = img.convert("RGB") if img.mode != "RGB" else img
+        nh, nw = t._target(img.height, img.width)
+        if (img.height, img.width) != (nh, nw):
+            img = img.resize((nw, nh), Image.BILINEAR)
+        arr = torch.from_numpy(np.array(img)).permute(2, 0, 1)
+        out = torch.zeros(3, s, s)
+        top, left = (s - nh) // 2, (s - nw) // 2
+        torch.addcmul(t._shift, arr, t._scale, out=out[:, top:top + nh, left:left + nw])
+        return out
+
+
 def run_peer(a) -> dict:
     from types import SimpleNamespace
 
@@ -80,7 +110,8 @@ def run_peer(a) -> dict:
     args = SimpleNamespace(train_data=urls, val_data=None, train_num_samples=m.num_samples, dataset_resampled=False,
                            train_data_upsampling_factors=None, seed=0, batch_size=a.batch_size, workers=a.workers,
                            world_size=1)
-    preprocess = open_clip.image_transform(a.image_size, is_train=True)
+    preprocess = open_clip.image_transform(a.image_size, is_train=True) if a.peer_transform == "open_clip" \
+        else OursOnPil(a.image_size)
     rates = []
     for epoch in range(a.repeats):
         data = get_wds_dataset(args, preprocess, is_train=True, epoch=epoch, tokenizer=tokenizer())
@@ -139,6 +170,7 @@ def main(argv=None) -> int:
     p.add_argument("--role", choices=["main", "ours", "peer", "rss"], default="main", help=argparse.SUPPRESS)
     p.add_argument("--shards", help=argparse.SUPPRESS)
     p.add_argument("--rss-n", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--peer-transform", choices=["open_clip", "ours"], default="open_clip", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.role == "ours":
         print(json.dumps(run_ours(a)))
@@ -160,12 +192,21 @@ def main(argv=None) -> int:
     peer = run_json([peer_python(), *common, "--role", "peer"], env)
     print(f"peer (open_clip_train): {peer['samples_per_s']:.0f} samples/s {['%.0f' % r for r in peer['all']]}",
           file=sys.stderr)
+    equal = run_json([peer_python(), *common, "--role", "peer", "--peer-transform", "ours"], env)
+    print(f"peer with our per-image work: {equal['samples_per_s']:.0f} samples/s "
+          f"{['%.0f' % r for r in equal['all']]}; ratio {ours['samples_per_s'] / equal['samples_per_s']:.3f}",
+          file=sys.stderr)
     rss = [run_json([sys.executable, *common, "--role", "rss", "--rss-n", str(n)], env) for n in (10, 100, 300)]
     for r in rss:
         print(f"rss: {r['shards']} shards, {r['samples']} samples: peak {r['peak_rss_mb']} MB", file=sys.stderr)
+    if rss[2]["peak_rss_mb"] > 1.1 * rss[1]["peak_rss_mb"]:
+        raise SystemExit(f"memory grows with the shard count: {rss[2]['peak_rss_mb']} MB at 300 shards vs "
+                         f"{rss[1]['peak_rss_mb']} MB at 100 (more than 10%)")
     print(result_line("data_pipeline", ours["samples_per_s"], peer["samples_per_s"], unit="samples/s",
                       image_size=a.image_size, source_size=a.source_size, workers=a.workers,
-                      batch_size=a.batch_size, rss_mb={str(r["shards"]): r["peak_rss_mb"] for r in rss}))
+                      batch_size=a.batch_size, rss_mb={str(r["shards"]): r["peak_rss_mb"] for r in rss},
+                      equal_work={"ours": round(ours["samples_per_s"], 2), "peer": round(equal["samples_per_s"], 2),
+                                  "ratio": round(ours["samples_per_s"] / equal["samples_per_s"], 3)}))
     return 0
 
 

@@ -107,6 +107,33 @@ def test_foreign_objects_in_checkpoint_metadata_are_refused(saved_run, tmp_path)
     with pytest.raises(ckpt.CheckpointError, match="refusing"):
         ckpt.model_weights(bad)
     assert not (tmp_path / "pwned").exists()
+
+    def short(b: bytes) -> bytes:
+        return pickle.SHORT_BINUNICODE + bytes([len(b)]) + b
+    # protocol 4 resolves dotted names: os.system reached through a DCP module that imports os
+    for module, name in ((b"torch.distributed.checkpoint.filesystem", b"os.system"),
+                         (b"torch.distributed.checkpoint.metadata", b"dataclasses.sys.modules"),
+                         (b"torch.distributed.checkpoint.filesystem", b"_write_item")):
+        (bad / "dcp/.metadata").write_bytes(
+            pickle.PROTO + b"\x04" + short(module) + short(name) + pickle.STACK_GLOBAL
+            + short(("echo pwned > " + str(tmp_path / "pwned")).encode()) + pickle.TUPLE1 + pickle.REDUCE + pickle.STOP)
+        with pytest.raises(ckpt.CheckpointError, match="refusing"):
+            ckpt.model_weights(bad)
+        assert not (tmp_path / "pwned").exists()
+    (bad / "dcp/.metadata").write_bytes(pickle.dumps(3))
+    with pytest.raises(ckpt.CheckpointError, match="not DCP metadata"):
+        ckpt.model_weights(bad)
     (bad / "dcp/.metadata").write_bytes(b"\x80\x04truncated")
     with pytest.raises(ckpt.CheckpointError, match="unreadable checkpoint metadata"):
         ckpt.model_weights(bad)
+
+
+def test_truncated_shard_is_a_checkpoint_error(saved_run, tmp_path):
+    bad = tmp_path / "step_00000004"
+    shutil.copytree(saved_run / "checkpoints/step_00000004", bad)
+    (bad / "model.safetensors").unlink()
+    (bad / "ema.safetensors").unlink()
+    part = bad / "dcp/__1_0.distcp"
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
+    with pytest.raises(ckpt.CheckpointError, match="step_00000004: its shards could not be read"):
+        ckpt.model_weights(bad, ema=True)

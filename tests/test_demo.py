@@ -24,7 +24,8 @@ SUMMARY_KEYS = ["zeroshot.modality_accuracy", "zeroshot.finding_accuracy", "retr
 def make_demo(root: Path, *extra: str) -> subprocess.CompletedProcess:
     venv = Path(sys.prefix)  # the virtual environment running the tests (make test's .venv)
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    return subprocess.run(["make", "--no-print-directory", "demo", f"VENV={venv}", "DEMO_CONFIGS=configs/demo/tiny",
+    # INSTALL=: the copy uses the tests' environment as it is (never an editable install of the temporary copy)
+    return subprocess.run(["make", "--no-print-directory", "demo", f"VENV={venv}", "INSTALL=", "DEMO_CONFIGS=configs/demo/tiny",
                            "SYNTH_TRAIN=240", "SYNTH_TEST=24", *extra], cwd=root, env=env, capture_output=True,
                           text=True, timeout=1200)
 

@@ -313,3 +313,62 @@ def test_compiled_blocks_train_as_eager(synth_dir, tiny32, tmp_path):
     assert ce == 0 and cc == 4  # 2 image + 2 text blocks
     assert lc == pytest.approx(le, rel=1e-4, abs=1e-5)
     assert set(we) == set(wc) and all(torch.allclose(we[k], wc[k], atol=1e-5) for k in we)
+
+
+def _tiny_trainer(synth_dir, tiny32, out, steps, extra=()):
+    from train.clip import build_run
+    from train.config import ClipRunConfig, parse_run_config
+    from train.trainer import Trainer
+    from vlm.utils import Dist
+
+    cfg = parse_run_config("t", "", ClipRunConfig, clip_args(synth_dir, tiny32, out, steps, [
+        "data.num_workers=0", "zeroshot=[]", *extra]))
+    torch.manual_seed(0)
+    model, kwargs = build_run(cfg, Dist())
+    return Trainer(model, **kwargs)
+
+
+def test_a_run_of_nonfinite_steps_between_logs_still_stops(synth_dir, tiny32, tmp_path):
+    """Three skipped steps in a row that end before the next logging step: train.max_nonfinite=2 still stops the
+    run (the longest run since the last log is kept on the device)."""
+    from train.trainer import NonFiniteError
+
+    trainer = _tiny_trainer(synth_dir, tiny32, tmp_path / "run", 8, ["train.log_every=5", "train.max_nonfinite=2",
+                                                                     "train.save_every=0"])
+    task_step = trainer.task.train_step
+
+    def poisoned(model, batches, ctx):
+        out = task_step(model, batches, ctx)
+        if trainer.step in (1, 2, 3):
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.fill_(float("nan"))
+        return out
+    trainer.task.train_step = poisoned
+    with pytest.raises(NonFiniteError, match="3 non-finite losses in a row"):
+        trainer.fit()
+    assert trainer.step == 5
+
+
+def test_checkpoints_of_the_previous_format_resume(synth_dir, tiny32, tmp_path):
+    """A checkpoint in the single-file format of earlier versions (model.safetensors + the whole optimizer in
+    train_state.pt, written by a run whose AdamW was not fused) resumes on the same world size: the weights
+    are loaded and training goes on (this run's fused kernel, not the saved flags)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    from vlm import checkpoint as ckpt
+
+    first = _tiny_trainer(synth_dir, tiny32, tmp_path / "a", 2, ["train.save_every=0"])
+    first.fit()
+    optim = get_optimizer_state_dict(first.model, first.opt, options=StateDictOptions(full_state_dict=True))
+    for g in optim["param_groups"]:
+        g["fused"], g["foreach"] = None, None  # what the previous version's CPU optimizer saved
+    plain, tensors = ckpt.rng_state()
+    old = ckpt.save(tmp_path / "old", 2, dict(first.model.state_dict()),
+                    {"optimizer": optim, "scheduler": first.sched.state_dict(), "rng": [tensors]},
+                    {"step": 2, "data": [first.loader.state_dict()], "rng": [plain], "world_size": 1,
+                     "nonfinite_total": 0, "config": {}})
+    second = _tiny_trainer(synth_dir, tiny32, tmp_path / "b", 4, ["train.save_every=0", f"train.resume={old}"])
+    result = second.fit()
+    assert result["step"] == 4 and all(g["fused"] for g in second.opt.param_groups)
+    assert {int(s["step"]) for s in second.opt.state.values()} == {4}  # 2 saved + 2 new updates

@@ -143,6 +143,7 @@ class Trainer:
         self.step, self.nonfinite_total = 0, 0  # non-finite steps skipped (as read at the last logging step)
         self._nf_run = torch.zeros((), dtype=torch.int64)  # on the device: read at logging steps only
         self._nf_total = torch.zeros((), dtype=torch.int64)
+        self._nf_max = torch.zeros((), dtype=torch.int64)
         self.out = Path(cfg.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
         self.writer = self.wandb = None
@@ -254,6 +255,7 @@ class Trainer:
         ckpt.load_sharded(path, tensors)
         set_model_state_dict(self.model, msd, options=opts)
         set_optimizer_state_dict(self.model, self.opt, osd, options=opts)
+        self._own_kernel_flags()
         self.sched.load_state_dict(small["scheduler"])
         for g, lr in zip(self.opt.param_groups, self.sched.get_last_lr()):
             g["lr"] = lr  # the scheduler sets it only at its next step
@@ -283,10 +285,19 @@ class Trainer:
         self.step, self.nonfinite_total = state["step"], state.get("nonfinite_total", 0)
         self._nf_total = torch.tensor(self.nonfinite_total, dtype=torch.int64, device=self.d.device)
         self._nf_run = torch.zeros((), dtype=torch.int64, device=self.d.device)
+        self._nf_max = torch.zeros((), dtype=torch.int64, device=self.d.device)
         self._first_step = self.step
         self._last_saved = self.step
         log.info("resumed from %s at step %d (epoch %d, %d batches into it)", path, self.step,
                  self.loader.epoch, self.loader.batches)
+
+    def _own_kernel_flags(self) -> None:
+        """A loaded optimizer state brings the saving run's kernel choice (fused/foreach) into the param groups
+        (a checkpoint of an earlier version: fused=None): this run keeps its own, which _train_step relies on."""
+        for g in self.opt.param_groups:
+            for k in ("fused", "foreach"):
+                if k in self.opt.defaults:
+                    g[k] = self.opt.defaults[k]
 
     def _resume_single_file(self, path: Path) -> None:
         """Checkpoints of earlier versions (model.safetensors + the whole optimizer in train_state.pt): the
@@ -307,6 +318,7 @@ class Trainer:
             self._load_scalar_optim_state(train_state["optimizer"])  # torch cannot place 0-dim-only states
         else:
             set_optimizer_state_dict(self.model, self.opt, train_state["optimizer"], options=opts)
+        self._own_kernel_flags()
         self.sched.load_state_dict(train_state["scheduler"])
         if self.ema is not None and ema is not None:
             self.ema.load_state_dict(ema)
@@ -479,7 +491,7 @@ class Trainer:
             norm = clip_grad_norm(list(self.model.parameters()), self.optim_cfg.grad_clip).to(dev)
             metrics["grad_norm"] = norm
             bad = bad | ~torch.isfinite(norm)  # a finite loss with non-finite gradients: skip the step too
-        if self.opt.defaults.get("fused"):
+        if all(g.get("fused") for g in self.opt.param_groups):
             self.opt.found_inf = bad.to(torch.float32)
             self.opt.step()
         elif not bool(bad):  # optimizers without the fused kernel: one read of the flag per step
@@ -490,6 +502,7 @@ class Trainer:
         if self.ema:
             self.ema.update(self.raw_model, keep=~bad)
         self._nf_run = torch.where(bad, self._nf_run.to(dev) + 1, torch.zeros_like(self._nf_run, device=dev))
+        self._nf_max = torch.maximum(self._nf_max.to(dev), self._nf_run)  # the longest run since the last log
         self._nf_total = self._nf_total.to(dev) + bad.to(torch.int64)
         self.step += 1
         self._samples_since += sum(len(b.get("keys", [])) for b in batches) * self.d.world_size
@@ -553,11 +566,12 @@ class Trainer:
         """Read the step's tensors (one host sync), check the non-finite counters, log."""
         keys = [k for k, v in metrics.items() if torch.is_tensor(v)]
         values = torch.stack([metrics[k].detach().float().reshape(()).to(self.d.device) for k in keys]
-                             + [self._nf_run.float(), self._nf_total.float()]).tolist() if keys else []
+                             + [self._nf_max.float(), self._nf_total.float()]).tolist()
         metrics.update(zip(keys, values))
-        nf_run, nf_total = (int(values[-2]), int(values[-1])) if keys else (0, 0)
+        nf_run, nf_total = int(values[-2]), int(values[-1])  # the longest run of skips since the last log
+        self._nf_max = self._nf_run.clone()  # a run still going on carries over
         if nf_total > self.nonfinite_total:
-            log.warning("%d non-finite step(s) skipped since the last log (%d in a row at step %d, %d in all)",
+            log.warning("%d non-finite step(s) skipped since the last log (up to %d in a row, step %d, %d in all)",
                         nf_total - self.nonfinite_total, nf_run, self.step, nf_total)
         self.nonfinite_total = nf_total
         if nf_run >= self.cfg.max_nonfinite:

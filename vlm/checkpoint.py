@@ -225,26 +225,31 @@ def _atomic_save_file(tensors: dict, path: Path) -> None:
 
 
 # -- reading -----------------------------------------------------------------------------------------------
-_SAFE_MODULES = ("torch.distributed.checkpoint.",)
-_SAFE_NAMES = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
-               ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
-               ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset")}
+_DCP = "torch.distributed.checkpoint."
+_SAFE_NAMES = {(_DCP + "metadata", n) for n in (
+    "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+    "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")} | {
+    (_DCP + "filesystem", "_StorageInfo"),
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"), ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset")}
 
 
 class _MetadataUnpickler(pickle.Unpickler):
     """DCP's ``.metadata`` is a pickle: read it with its own dataclasses, torch sizes, dtypes and layouts only."""
 
     def find_class(self, module: str, name: str):
-        if module.startswith(_SAFE_MODULES) or (module, name) in _SAFE_NAMES or (
+        # exact (module, name) pairs only: protocol 4 resolves dotted names ("os.system" through any module
+        # that imports os), so a name with a dot is never looked up
+        if "." not in name and ((module, name) in _SAFE_NAMES or (
                 module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
-                                                                              torch.memory_format))):
+                                                                              torch.memory_format)))):
             return super().find_class(module, name)
         raise CheckpointError(f"checkpoint metadata refers to {module}.{name}, which a DCP checkpoint never holds: "
                               "refusing to load it")
 
 
 def _reader(dcp_dir: Path):
-    from torch.distributed.checkpoint import BytesStorageMetadata, FileSystemReader
+    from torch.distributed.checkpoint import BytesStorageMetadata, FileSystemReader, Metadata
 
     class SafeReader(FileSystemReader):
         def read_metadata(self, *args, **kwargs):
@@ -256,6 +261,8 @@ def _reader(dcp_dir: Path):
                 if isinstance(e, CheckpointError):
                     raise
                 raise CheckpointError(f"{path}: unreadable checkpoint metadata ({type(e).__name__}: {e})") from None
+            if not isinstance(md, Metadata):
+                raise CheckpointError(f"{path}: not DCP metadata (a {type(md).__name__})")
             objects = [k for k, v in md.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)]
             if objects:  # DCP would torch.load them with weights_only=False
                 raise CheckpointError(f"{path}: holds pickled objects ({objects[:3]}): refusing to load them")
@@ -267,6 +274,11 @@ def _reader(dcp_dir: Path):
             return md
 
     return SafeReader(str(dcp_dir))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[-1] if text else ''}"[:300]
 
 
 def shard_metadata(path: str | Path) -> dict:
@@ -298,7 +310,12 @@ def load_sharded(path: str | Path, tensors: dict, strict: bool = True) -> None:
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*single process.*")
-        dcp.load(want, storage_reader=reader, no_dist=not (dist.is_available() and dist.is_initialized()))
+        try:
+            dcp.load(want, storage_reader=reader, no_dist=not (dist.is_available() and dist.is_initialized()))
+        except CheckpointError:
+            raise
+        except (Exception, dcp.CheckpointException) as e:  # a truncated or foreign shard: name the checkpoint
+            raise CheckpointError(f"{path}: its shards could not be read ({_first_line(e)})") from e
 
 
 def _read_full(path: Path, prefix: str) -> dict:
@@ -312,7 +329,12 @@ def _read_full(path: Path, prefix: str) -> dict:
 
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.filterwarnings("ignore", message=".*single process.*")
-            dcp.load(out, storage_reader=_reader(path / "dcp"), no_dist=True)
+            try:
+                dcp.load(out, storage_reader=_reader(path / "dcp"), no_dist=True)
+            except CheckpointError:
+                raise
+            except (Exception, dcp.CheckpointException) as e:
+                raise CheckpointError(f"{path}: its shards could not be read ({_first_line(e)})") from e
     return {k[len(prefix):]: v for k, v in out.items()}
 
 
