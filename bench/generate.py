@@ -83,7 +83,11 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     batched = generate(model, tok, requests, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens)
     ours = len(requests) / (time.perf_counter() - t0)
-    stop = tok.eos_token  # the conversation's stop string (the template's end of turn)
+    from vlm.data.chat import end_of_turn_ids
+
+    # the conversation's stop string (LLaVA-Med's conv.sep2): the text of the template's end-of-turn token
+    turn_end = [t for t in end_of_turn_ids(tok) if t != tok.eos_token_id] or [tok.eos_token_id]
+    stop = tok.convert_ids_to_tokens(turn_end[0])
     peer_answer(model, tok, requests[0], stop, 2)  # warm-up
     t0 = time.perf_counter()
     single = [peer_answer(model, tok, r, stop, a.max_new_tokens) for r in requests]

@@ -54,13 +54,15 @@ def llava_rank_batches(lengths: list[int], batch_size: int, ranks: int, rank: in
     out = []
     for i in range(0, len(order), mega):
         group = sorted(order[i:i + mega], key=lambda j: -lengths[j])
-        per = len(group) // ranks if len(group) >= ranks else 1
-        chunks, totals = [[] for _ in range(ranks)], [0] * ranks
-        for j in group:
-            open_ = [c for c in range(ranks) if len(chunks[c]) < per] or list(range(ranks))
-            c = min(open_, key=lambda c: totals[c])
-            chunks[c].append(j)
-            totals[c] += lengths[j]
+        if len(group) % ranks:  # a last, uneven megabatch is dealt round-robin
+            chunks = [group[c::ranks] for c in range(ranks)]
+        else:
+            per = len(group) // ranks
+            chunks, totals = [[] for _ in range(ranks)], [0] * ranks
+            for j in group:
+                c = min((c for c in range(ranks) if len(chunks[c]) < per), key=lambda c: totals[c])
+                chunks[c].append(j)
+                totals[c] += lengths[j]
         if chunks[rank]:
             out.append(chunks[rank])
     return out
