@@ -60,9 +60,8 @@ class EMA:
     Frozen weights never change, so their average is themselves: only trainable parameters are shadowed
     (a LoRA run keeps no fp32 copy of its frozen 7B base). Under FSDP2 the parameters are DTensor shards and
     the shadow holds the same shards (each rank averages its own, no communication per step).
-    ``state_dict(model_state, main)`` is the whole model's state with the averaged weights in place (the
-    names and shapes of ``model.safetensors``, tied aliases included), so it loads wherever the model
-    does; under FSDP2 it gathers one tensor at a time and only ``main`` keeps them."""
+    Checkpoints hold the shadow as shards beside the model's (vlm.checkpoint: "ema.*", with ``aliases`` for tied
+    weights); ``load_state_dict`` takes a whole-model EMA of the earlier single-file format."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
@@ -82,21 +81,6 @@ class EMA:
         for n, s in self.shadow.items():
             w = weight.to(s.device) if torch.is_tensor(weight) else weight
             s.lerp_(params[n].detach().float(), w)
-
-    def state_dict(self, model_state: dict, main: bool = True) -> dict:
-        """``model_state``: the model's full state dict (on ``main``; every rank must call this under FSDP2,
-        since gathering a shard is a collective) -> it with the averaged weights, on ``main``; {} elsewhere."""
-        from torch.distributed.tensor import DTensor
-
-        out = dict(model_state) if main else {}
-        for n, v in self.shadow.items():
-            full = v.full_tensor() if isinstance(v, DTensor) else v
-            if main:
-                out[n] = full.detach().cpu()
-        for alias, n in self.aliases.items():
-            if main:
-                out[alias] = out[n]
-        return out
 
     def load_state_dict(self, state: dict) -> None:
         from torch.distributed.tensor import DTensor, distribute_tensor

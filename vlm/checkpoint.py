@@ -24,6 +24,7 @@ the full weights of any checkpoint (this format, or the older single-file one) f
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ import pickle
 import random
 import re
 import shutil
+import warnings
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Optional
@@ -140,10 +142,7 @@ def save_sharded(folder: str | Path, step: int, tensors: dict, small: dict, stat
         dist.barrier()
     writer = dcp.FileSystemWriter(str(tmp / "dcp"), single_file_per_rank=True, sync_files=True)
     kw = dict(storage_writer=writer, process_group=process_group, no_dist=not distributed)
-    import warnings
-
-    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
-        warnings.filterwarnings("ignore", message=".*single process.*")
+    with _single_process_ok():
         if async_save:
             fut = dcp.async_save(tensors, **kw)
             fut = getattr(fut, "upload_completion", fut)  # newer torch wraps the future in a response object
@@ -291,7 +290,6 @@ def load_sharded(path: str | Path, tensors: dict, strict: bool = True) -> None:
     """Load the DCP shards of ``path`` into ``tensors`` in place (any sharding: DCP reshards). A collective
     under torch.distributed. ``strict``: every requested tensor must be in the checkpoint."""
     import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
 
     path = Path(path)
     if not (path / "COMPLETE").exists():
@@ -306,35 +304,36 @@ def load_sharded(path: str | Path, tensors: dict, strict: bool = True) -> None:
               if tuple(saved[k].size) != tuple(v.shape)]
     if shapes:
         raise CheckpointError(f"{path} does not match this model: " + "; ".join(shapes[:8]))
-    import warnings
+    _dcp_load(path, want, reader, no_dist=not (dist.is_available() and dist.is_initialized()))
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*single process.*")
+
+def _dcp_load(path: Path, tensors: dict, reader, no_dist: bool) -> None:
+    """dcp.load into ``tensors`` in place; a truncated or foreign shard is a CheckpointError naming ``path``."""
+    import torch.distributed.checkpoint as dcp
+
+    with _single_process_ok():
         try:
-            dcp.load(want, storage_reader=reader, no_dist=not (dist.is_available() and dist.is_initialized()))
+            dcp.load(tensors, storage_reader=reader, no_dist=no_dist)
         except CheckpointError:
             raise
-        except (Exception, dcp.CheckpointException) as e:  # a truncated or foreign shard: name the checkpoint
+        except (Exception, dcp.CheckpointException) as e:
             raise CheckpointError(f"{path}: its shards could not be read ({_first_line(e)})") from e
+
+
+@contextlib.contextmanager
+def _single_process_ok():
+    """DCP warns "assuming the intent is to save/load in a single process" without a process group: it is."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*single process.*")
+        yield
 
 
 def _read_full(path: Path, prefix: str) -> dict:
     """Every tensor named ``prefix*`` of a checkpoint's shards, whole, in this process (no process group)."""
-    import torch.distributed.checkpoint as dcp
-
     meta = shard_metadata(path)
     out = {k: torch.empty(shape, dtype=dtype) for k, (shape, dtype) in meta.items() if k.startswith(prefix)}
     if out:
-        import warnings
-
-        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-            warnings.filterwarnings("ignore", message=".*single process.*")
-            try:
-                dcp.load(out, storage_reader=_reader(path / "dcp"), no_dist=True)
-            except CheckpointError:
-                raise
-            except (Exception, dcp.CheckpointException) as e:
-                raise CheckpointError(f"{path}: its shards could not be read ({_first_line(e)})") from e
+        _dcp_load(path, out, _reader(path / "dcp"), no_dist=True)
     return {k[len(prefix):]: v for k, v in out.items()}
 
 
