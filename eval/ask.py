@@ -24,6 +24,9 @@ def ask_transformers(folder: Path, image, question: str, max_new_tokens: int) ->
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from vlm.remote_code import refuse_remote_code
+
+    refuse_remote_code(folder, "model")
     model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=False).eval()
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=False)
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
@@ -41,8 +44,13 @@ def ask_open_clip(folder: Path, image, prompts) -> dict:
     import open_clip
     import torch
 
+    from vlm.remote_code import refuse_remote_code
     from vlm.zeroshot import build_classifier
 
+    text_cfg = json.loads((folder / "open_clip_config.json").read_text())["model_cfg"].get("text_cfg", {})
+    for key in ("hf_model_name", "hf_tokenizer_name"):  # stock open_clip loads these without trust_remote_code
+        if text_cfg.get(key):
+            refuse_remote_code(text_cfg[key], "text tower" if key == "hf_model_name" else "tokenizer")
     model, preprocess = open_clip.create_model_from_pretrained(f"local-dir:{folder}")
     tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
     model.eval()

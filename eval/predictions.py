@@ -27,7 +27,13 @@ def read_predictions(path: str | Path, id_key: str, known_ids: list, allow_missi
         raise PredictionError(f"--predictions not found: {path}")
     preds: dict[str, str] = {}
     dups: list[str] = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = raw[:e.start].count(b"\n") + 1
+        raise PredictionError(f"{path}:{at}: not UTF-8 text (byte {e.start})") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -42,11 +42,18 @@ def score(args) -> dict:
         preds, missing = read_predictions(args.predictions, "id", [it.id for it in items], args.allow_missing)
     raw_refs = {it.id: it.report for it in items}
     raw_preds = {it.id: preds.get(it.id, "") for it in items}
+    # empty or whitespace-only reports still score above 0 under the protocols (R2Gen's cleaning turns "" into
+    # " ."): the numbers stay the protocol's, and how many there were is reported beside them
+    num_empty = sum(not raw_preds[it.id].strip() for it in items)
+    if num_empty:
+        log.warning("%d of %d reports are empty or whitespace%s: the protocol still scores them (R2Gen's cleaning "
+                    "makes '' into ' .'), see num_empty in the result", num_empty, len(items),
+                    f" ({len(missing)} missing, scored as empty)" if missing else "")
     refs, hyps = prepare(raw_refs, args.text, bench.cleaner), prepare(raw_preds, args.text, bench.cleaner)
     scores, unavailable = lexical_metrics(refs, hyps)
     result = {"benchmark": args.benchmark, "split": args.split, "text_processing": args.text,
               **({"constant_report": args.constant} if getattr(args, "constant", None) is not None else {}),
-              "num_reports": len(items), "num_missing": len(missing), **scores}
+              "num_reports": len(items), "num_missing": len(missing), "num_empty": num_empty, **scores}
     if not args.no_clinical:
         clinical, unavailable_c = clinical_metrics([raw_refs[i] for i in raw_refs], [raw_preds[i] for i in raw_refs])
         result.update(clinical)

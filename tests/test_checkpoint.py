@@ -55,6 +55,14 @@ def test_every_rank_writes_its_shards_and_the_last_is_consolidated(saved_run):
         assert parts == ["__0_0.distcp", "__1_0.distcp"]  # one file per rank, written by that rank
         sizes = [(step / "dcp" / p).stat().st_size for p in parts]
         assert min(sizes) > 0.3 * max(sizes)  # the optimizer states split between the ranks, not all on rank 0
+        # checksums of every file (step 2 async: rank 0 hashed the shards; step 4: each rank its own), the
+        # ranks' digest files merged away; the consolidated weights added to step 4's
+        sums = json.loads((step / "checksums.json").read_text())["files"]
+        expected = {"state.json", "train_state.pt", "dcp/.metadata", *(f"dcp/{p}" for p in parts)}
+        if step == last:
+            expected |= {"model.safetensors", "ema.safetensors"}
+        assert set(sums) == expected and not list((step / "dcp").glob(".sha256*"))
+        assert ckpt.verify(step) is None and ckpt.verify(step, (1, 2)) is None
     assert not (mid / "model.safetensors").exists()  # intermediate checkpoints are shards only
     names = ckpt.shard_metadata(mid)
     assert any(k.startswith("optim.state.") and k.endswith(".exp_avg") for k in names)
@@ -98,6 +106,7 @@ def test_foreign_objects_in_checkpoint_metadata_are_refused(saved_run, tmp_path)
     """DCP's metadata file is a pickle: one that names anything but DCP's own classes is refused unread."""
     bad = tmp_path / "step_00000002"
     shutil.copytree(saved_run / "checkpoints/step_00000002", bad)
+    (bad / "checksums.json").unlink()  # as a checkpoint of an earlier version: the reader itself must refuse
 
     class Evil:
         def __reduce__(self):
@@ -133,6 +142,7 @@ def test_truncated_shard_is_a_checkpoint_error(saved_run, tmp_path):
     shutil.copytree(saved_run / "checkpoints/step_00000004", bad)
     (bad / "model.safetensors").unlink()
     (bad / "ema.safetensors").unlink()
+    (bad / "checksums.json").unlink()  # no checksums (an earlier version): DCP's own read fails, named
     part = bad / "dcp/__1_0.distcp"
     part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
     with pytest.raises(ckpt.CheckpointError, match="step_00000004: its shards could not be read"):

@@ -190,7 +190,8 @@ def test_checkpoint_of_tied_weights_round_trips(tmp_path):
     weights, _, _, _ = ckpt.load(path)
     assert torch.equal(weights["lm_head.weight"], state["model.embed_tokens.weight"])
     ckpt.load_weights_into(llm, weights)
-    assert sorted(p.name for p in path.iterdir()) == ["COMPLETE", "model.safetensors", "state.json", "train_state.pt"]
+    assert sorted(p.name for p in path.iterdir()) == ["COMPLETE", "checksums.json", "model.safetensors", "state.json",
+                                                      "train_state.pt"]
 
 
 @pytest.mark.parametrize("master", ["fp32", "bf16"])

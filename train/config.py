@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -66,6 +67,16 @@ class OptimConfig:
             raise ValueError("optim.grad_accum must be >= 1")
         if not 0 <= self.ema_decay < 1:
             raise ValueError("optim.ema_decay must be in [0, 1)")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"optim.lr must be a positive number, got {self.lr}")
+        for name in ("weight_decay", "grad_clip", "min_lr_ratio", "eps"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"optim.{name} must be a finite number >= 0, got {value}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"optim.beta1 and optim.beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
 @dataclass
@@ -86,8 +97,8 @@ class TrainConfig:
     compile: bool = False
     seed: int = 0
     log_every: int = 10
-    save_every: int = 200  # checkpoint every N steps (and at the end)
-    keep_last: int = 3
+    save_every: int = 200  # checkpoint every N steps (and at the end; 0: only at the end)
+    keep_last: int = 3  # complete checkpoints kept (0: all)
     # periodic checkpoints written in the background (dcp.async_save): the step continues while the shards
     # (copied to host memory first) go to disk; the final and the SIGTERM checkpoints are always synchronous
     async_checkpoint: bool = False
@@ -113,6 +124,12 @@ class TrainConfig:
             raise ValueError("train.shard_group_size must be >= 0 (0: the local world size)")
         if self.steps < 1:
             raise ValueError("train.steps must be >= 1")
+        for name in ("log_every", "max_nonfinite"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name, zero in (("save_every", "only at the end"), ("keep_last", "keep all"), ("eval_every", "only at the end")):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0 (0: {zero}), got {getattr(self, name)}")
 
 
 @dataclass

@@ -27,6 +27,8 @@ from typing import Optional
 
 import torch
 
+from vlm.remote_code import refuse_remote_code
+
 log = logging.getLogger("train.rehearse")
 
 # Hub ids of LLMs whose family cannot be read offline: org/prefix -> vlm.models.tiny family. Used only when
@@ -112,6 +114,7 @@ def tiny_hf_text_tower(source: str, folder: Path, notes: list[str]) -> Path:
     cached, else a BERT with an uncased WordPiece vocabulary trained here (PubMedBERT's kind)."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+    refuse_remote_code(source, "text tower")
     real_cfg = _cached_file(source, "config.json")
     has_tok = _cached_file(source, "tokenizer_config.json") or _cached_file(source, "tokenizer.json")
     tok = AutoTokenizer.from_pretrained(source, trust_remote_code=False) if has_tok else wordpiece_tokenizer()
@@ -204,6 +207,7 @@ def tiny_llm_folder(source: str, folder: Path, family_override: Optional[str], n
 
     from vlm.models.tiny import TINY, family, train_tokenizer, tiny_config
 
+    refuse_remote_code(source, "LLM")
     fam, how = llm_family(source, family_override)
     has_tok = _cached_file(source, "tokenizer_config.json") or _cached_file(source, "tokenizer.json")
     if fam is None:
@@ -251,6 +255,7 @@ def tiny_vision(source: str, image_size: int, folder: Path, notes: list[str]) ->
         return folder
     from transformers import AutoConfig, CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
+    refuse_remote_code(source, "vision tower")
     cached = _cached_file(source, "config.json")
     kind = AutoConfig.from_pretrained(source, trust_remote_code=False).model_type if cached else ("siglip" if "siglip" in source.lower() else "clip")
     cls, ccls = (SiglipVisionModel, SiglipVisionConfig) if kind.startswith("siglip") else (CLIPVisionModel, CLIPVisionConfig)

@@ -239,8 +239,8 @@ class Trainer:
                                                              get_optimizer_state_dict, set_model_state_dict,
                                                              set_optimizer_state_dict)
 
-        state = json.loads((path / "state.json").read_text())
-        small = torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
+        state = ckpt.load_state_json(path / "state.json")
+        small = ckpt.load_train_state(path / "train_state.pt")
         opts = StateDictOptions(full_state_dict=False, flatten_optimizer_state_dict=True)
         msd = get_model_state_dict(self.model, options=opts)
         osd = get_optimizer_state_dict(self.model, self.opt, options=opts)  # states initialised to load into
@@ -361,6 +361,23 @@ class Trainer:
         if self._waiting_for_data:  # a loader still looking for a sample must not make us deaf
             raise Preempted()
 
+    def _resume_path(self) -> Optional[Path]:
+        """The checkpoint ``train.resume`` names, verified against its checksums (the ranks share the hashing):
+        ``latest`` falls back past damaged checkpoints with a warning naming the file; an explicit damaged
+        one is an error naming it."""
+        resume = self.cfg.resume
+        if not resume:
+            return None
+        part = (self.d.rank, self.d.world_size)
+        if resume == "latest":
+            return ckpt.pick_intact(self.ckpt_dir, part, self._agree_stop if self.d.enabled else None)
+        p = ckpt.resolve(resume, self.ckpt_dir)
+        problem = ckpt.verify(p, part)
+        if self._agree_stop(problem is not None):
+            raise ckpt.CheckpointError(f"train.resume={resume}: damaged checkpoint: "
+                                       f"{problem or 'a damaged file (found by another rank)'}")
+        return p
+
     def _agree_stop(self, local: bool) -> bool:
         """True on every rank if any rank wants to stop (SIGTERM may reach only some ranks, or reach them
         at different points of a step): the ranks then save one checkpoint together."""
@@ -423,11 +440,9 @@ class Trainer:
         every rank stop after the current step (StopWatch carries it to ranks that did not get it), write one
         complete checkpoint together and return ``preempted: True``; a requeued job continues with
         ``train.resume=latest``."""
-        path = ckpt.resolve(self.cfg.resume, self.ckpt_dir)
+        path = self._resume_path()
         if path is not None:
             self.resume(path)
-        elif self.cfg.resume and self.cfg.resume != "latest":
-            raise ckpt.CheckpointError(f"train.resume={self.cfg.resume}: not found")
         self._open_loggers()
         ctx = StepContext(self.model, self.d, self.cfg.precision)
         bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not (self.cfg.progress and self.d.is_main),

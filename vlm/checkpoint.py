@@ -11,6 +11,8 @@ A checkpoint is a folder ``<dir>/step_<N>/``:
     model.safetensors   the whole model in one file (stock loaders read it): written at the end of a run
                         (and by ``consolidate``); the intermediate checkpoints have only the shards
     ema.safetensors     the same with the EMA weights, when EMA is on
+    checksums.json      size and sha256 of every other file (each rank hashes its own shard file while it is
+                        still in the page cache; rank 0 the small files), written just before COMPLETE
     COMPLETE            written last
 
 It is written as ``step_<N>.tmp`` and renamed when every rank has finished (the data fsynced first), so a
@@ -21,10 +23,16 @@ Reading never unpickles arbitrary objects: DCP's metadata file is read with an a
 classes, and checkpoints holding pickled (non-tensor) entries are refused. ``model_weights(path)`` gives
 the full weights of any checkpoint (this format, or the older single-file one) for ``init_from``,
 ``eval.*`` and ``train.export``.
+
+Integrity: ``verify(path)`` re-hashes the files against ``checksums.json`` and names the first damaged one
+(a flipped byte, a truncation, a missing or extra shard). ``resume=latest`` uses the newest checkpoint that
+verifies and warns about each damaged one it passes over (``pick_intact``); ``model_weights`` verifies the
+files it reads. Checkpoints of earlier versions (no checksums.json) load unverified.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -43,6 +51,8 @@ from safetensors.torch import load_file, save_file
 
 log = logging.getLogger(__name__)
 STEP_RE = re.compile(r"^step_(\d+)$")
+CHECKSUMS = "checksums.json"
+_RANK_SUMS = ".sha256.rank"  # dcp/.sha256.rank<r>.json: a rank's digests of its own shard files, merged at COMPLETE
 
 
 class CheckpointError(ValueError):
@@ -148,6 +158,11 @@ def save_sharded(folder: str | Path, step: int, tensors: dict, small: dict, stat
             fut = getattr(fut, "upload_completion", fut)  # newer torch wraps the future in a response object
             return PendingSave(fut, tmp, final, keep_last, main)
         dcp.save(tensors, **kw)
+    rank = dist.get_rank() if distributed else 0
+    own = sorted(p for p in (tmp / "dcp").glob(f"__{rank}_*.distcp"))
+    _write_json(tmp / "dcp" / f"{_RANK_SUMS}{rank}.json", {p.name: _digest(p) for p in own})
+    if distributed:
+        dist.barrier(group=process_group)
     pending = PendingSave(None, tmp, final, keep_last, main)
     pending.finish()
     if distributed:
@@ -156,12 +171,14 @@ def save_sharded(folder: str | Path, step: int, tensors: dict, small: dict, stat
 
 
 def _complete(tmp: Path, final: Path, keep_last: int) -> None:
-    """fsync the small files and the folders, write COMPLETE, rename into place, prune old checkpoints."""
+    """fsync the small files and the folders, record checksums, write COMPLETE, rename into place, prune old
+    checkpoints."""
     for p in (tmp / "train_state.pt", tmp / "state.json", tmp / "model.safetensors", tmp / "ema.safetensors"):
         if p.exists():
             _fsync(p)
     if (tmp / "dcp").is_dir():
         _fsync(tmp / "dcp")
+    _write_checksums(tmp)
     with open(tmp / "COMPLETE", "w") as f:
         f.write(final.name.split("_")[-1])
         f.flush()
@@ -221,6 +238,103 @@ def _atomic_save_file(tensors: dict, path: Path) -> None:
     _fsync(tmp)
     os.replace(tmp, path)
     _fsync(path.parent)
+
+
+# -- integrity ---------------------------------------------------------------------------------------------
+def _digest(path: Path, chunk: int = 8 << 20) -> dict:
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+            size += len(block)
+    return {"size": size, "sha256": h.hexdigest()}
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _files(folder: Path) -> list[str]:
+    """A checkpoint's files, relative, excluding COMPLETE, the checksums and the ranks' digest files."""
+    out = []
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if p.is_file() and rel not in ("COMPLETE", CHECKSUMS) and not p.name.startswith(_RANK_SUMS) \
+                and not p.name.endswith(".tmp"):  # an interrupted consolidation's leftover
+            out.append(rel)
+    return out
+
+
+def _write_checksums(folder: Path) -> None:
+    """checksums.json for every file of ``folder``: the ranks' own digests of their shards where written (a
+    synchronous save), rank 0 hashes the rest (the small files; an async save's shards)."""
+    ranks: dict = {}
+    for p in sorted((folder / "dcp").glob(f"{_RANK_SUMS}*.json")) if (folder / "dcp").is_dir() else []:
+        ranks.update({f"dcp/{k}": v for k, v in json.loads(p.read_text()).items()})
+    files = {rel: ranks.get(rel) or _digest(folder / rel) for rel in _files(folder)}
+    _write_json(folder / CHECKSUMS, {"algorithm": "sha256", "files": files})
+    for p in (folder / "dcp").glob(f"{_RANK_SUMS}*.json") if (folder / "dcp").is_dir() else []:
+        p.unlink()
+
+
+def verify(path: str | Path, part: tuple[int, int] = (0, 1), only: Optional[set] = None) -> Optional[str]:
+    """None when the checkpoint's files match checksums.json (or it has none: an earlier version), else a
+    line naming the first damaged file. ``part=(i, n)``: check only every n-th file from the i-th (ranks share
+    the work); ``only``: check only these relative paths (the files a reader needs)."""
+    path = Path(path)
+    sums = path / CHECKSUMS
+    if not sums.is_file():
+        return None if (path / "COMPLETE").exists() else f"{path}: no COMPLETE marker"
+    try:
+        files = json.loads(sums.read_text())["files"]
+        assert isinstance(files, dict)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        return f"{sums}: unreadable checksums"
+    if only is None:
+        extra = sorted(set(_files(path)) - set(files))
+        if extra and part[0] == 0:
+            return f"{path / extra[0]}: a file the checkpoint did not have when it was written"
+    names = sorted(files) if only is None else sorted(set(files) & only)
+    for rel in names[part[0]::part[1]]:
+        want, p = files[rel], path / rel
+        if not p.is_file():
+            return f"{p}: missing"
+        if p.stat().st_size != want.get("size"):
+            return f"{p}: {p.stat().st_size} bytes, {want.get('size')} when written (truncated or replaced)"
+        if _digest(p)["sha256"] != want.get("sha256"):
+            return f"{p}: contents changed since it was written (checksum mismatch)"
+    return None
+
+
+def pick_intact(folder: str | Path, part: tuple[int, int] = (0, 1), agree=None) -> Optional[Path]:
+    """The newest complete checkpoint of ``folder`` that verifies, warning about each damaged one passed over;
+    raises CheckpointError when checkpoints exist and none is intact. ``agree(bad: bool) -> bool`` combines
+    the ranks' verdicts when ``part`` splits the work (any rank's damage counts)."""
+    found = list_checkpoints(folder)
+    damaged = []
+    for p in reversed(found):
+        problem = verify(p, part)
+        bad = agree(problem is not None) if agree else problem is not None
+        if not bad:
+            if damaged:
+                log.warning("resuming from %s, the newest intact checkpoint", p)
+            return p
+        damaged.append(problem or f"{p}: damaged (found by another rank)")
+        log.warning("checkpoint damaged, falling back to the previous one: %s", damaged[-1])
+    if found:
+        raise CheckpointError(f"no intact checkpoint in {folder}: " + "; ".join(damaged[:3]))
+    return None
+
+
+def require_intact(path: str | Path, only: Optional[set] = None) -> None:
+    problem = verify(path, only=only)
+    if problem:
+        raise CheckpointError(f"damaged checkpoint: {problem}")
 
 
 # -- reading -----------------------------------------------------------------------------------------------
@@ -344,7 +458,9 @@ def model_weights(path: str | Path, ema: bool = False) -> dict:
     path = Path(path)
     single = path / ("ema.safetensors" if ema else "model.safetensors")
     if single.is_file():
-        return load_file(single)
+        require_intact(path, only={single.name})
+        return _load_safetensors(single)
+    require_intact(path, only={f"dcp/{p.name}" for p in (path / "dcp").iterdir()} if is_sharded(path) else set())
     if not is_sharded(path):
         raise CheckpointError(f"{path}: no {single.name} and no dcp/ shards" +
                               (" (the run had no EMA)" if ema and (path / "model.safetensors").is_file() else ""))
@@ -372,7 +488,37 @@ def consolidate(path: str | Path) -> list[Path]:
             continue
         _atomic_save_file(model_weights(path, ema=ema), path / name)
         written.append(path / name)
+    sums = path / CHECKSUMS
+    if written and sums.is_file():
+        data = json.loads(sums.read_text())
+        data["files"].update({p.name: _digest(p) for p in written})
+        _write_json(sums, data)
     return written
+
+
+def _load_safetensors(path: Path) -> dict:
+    try:
+        return load_file(path)
+    except Exception as e:  # a damaged header or a truncated file: name it in one line
+        raise CheckpointError(f"{path}: unreadable safetensors file ({_first_line(e)})") from None
+
+
+def load_train_state(path: Path) -> dict:
+    """train_state.pt (tensors and plain containers only) or a CheckpointError naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: unreadable ({_first_line(e)})") from None
+
+
+def load_state_json(path: Path) -> dict:
+    try:
+        state = json.loads(path.read_text())
+        if not isinstance(state, dict) or "step" not in state:
+            raise ValueError("not a checkpoint state (no step)")
+        return state
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable ({_first_line(e)})") from None
 
 
 def load(path: str | Path) -> tuple[dict, dict, dict, Optional[dict]]:
@@ -381,10 +527,11 @@ def load(path: str | Path) -> tuple[dict, dict, dict, Optional[dict]]:
     path = Path(path)
     if not (path / "COMPLETE").exists():
         raise CheckpointError(f"{path} is not a complete checkpoint")
-    model_state = load_file(path / "model.safetensors")
-    train_state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
-    state = json.loads((path / "state.json").read_text())
-    ema = load_file(path / "ema.safetensors") if (path / "ema.safetensors").exists() else None
+    require_intact(path)
+    model_state = _load_safetensors(path / "model.safetensors")
+    train_state = load_train_state(path / "train_state.pt")
+    state = load_state_json(path / "state.json")
+    ema = _load_safetensors(path / "ema.safetensors") if (path / "ema.safetensors").exists() else None
     return model_state, train_state, state, ema
 
 

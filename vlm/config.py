@@ -47,6 +47,14 @@ def parse_overrides(overrides: Sequence[str]) -> list[str]:
     return out
 
 
+def yaml_error_line(e: Exception) -> str:
+    """A YAML error in one line: where (line, column) and what."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    what = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"not valid YAML ({where}{what})"
+
+
 def _read_yaml(path: Path, chain: tuple = ()) -> dict:
     """A YAML mapping with its ``_base_`` files merged underneath (relative paths, no cycles)."""
     if not path.is_file():
@@ -54,9 +62,11 @@ def _read_yaml(path: Path, chain: tuple = ()) -> dict:
     if path.resolve() in chain:
         raise ConfigError(f"{path}: _base_ cycle through {' -> '.join(map(str, chain))}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: {yaml_error_line(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     bases = data.pop("_base_", None) or []

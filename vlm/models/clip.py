@@ -27,9 +27,13 @@ log = logging.getLogger(__name__)
 
 
 def check_hf_source(name_or_path: str, what: str = "text tower") -> None:
-    """A Hugging Face text tower must be a local folder, or a hub id already in the local cache."""
+    """A Hugging Face text tower must be a local folder, or a hub id already in the local cache, and must not
+    ship Python code (vlm/remote_code.py)."""
     import os
 
+    from vlm.remote_code import refuse_remote_code
+
+    refuse_remote_code(name_or_path, what)
     if Path(name_or_path).is_dir():
         wanted = ("tokenizer.json", "tokenizer_config.json") if what == "tokenizer" else ("config.json",)
         if not any((Path(name_or_path) / f).is_file() for f in wanted):

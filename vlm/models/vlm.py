@@ -200,6 +200,9 @@ def load_vision_tower(source: str | Path):
         return openclip_vit_to_hf(clip.clip.visual)
     from transformers import AutoConfig, CLIPVisionModel, SiglipVisionModel
 
+    from vlm.remote_code import refuse_remote_code
+
+    refuse_remote_code(str(source), "vision tower")
     cfg = AutoConfig.from_pretrained(str(source), trust_remote_code=False)
     kind = cfg.model_type
     if kind in ("clip", "clip_vision_model"):
@@ -327,6 +330,9 @@ def load_assistant(path: str | Path):
     if (p / "config.json").is_file():
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
+        from vlm.remote_code import refuse_remote_code
+
+        refuse_remote_code(p, "model")
         model = AutoModelForImageTextToText.from_pretrained(p, trust_remote_code=False).eval()
         processor = AutoProcessor.from_pretrained(p, trust_remote_code=False)
         ip = processor.image_processor
