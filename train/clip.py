@@ -13,10 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import sys
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -29,7 +27,7 @@ from vlm.losses import concept_align_loss, contrastive_loss
 from vlm.models.attention import set_attention
 from vlm.models.clip import MedCLIP, build_tokenizer
 from vlm.models.lora import inject_lora
-from vlm.utils import cli, setup_logging
+from vlm.utils import cli, seed_everything, setup_logging
 
 log = logging.getLogger("train.clip")
 
@@ -211,12 +209,6 @@ def make_eval_fn(cfg: ClipRunConfig, tokenizer, device):
         return out
 
     return run
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def build_run(cfg: ClipRunConfig, d) -> tuple[nn.Module, dict]:

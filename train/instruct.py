@@ -26,7 +26,7 @@ from train.distributed import cleanup, init_distributed
 from train.trainer import StepContext, Trainer
 from vlm.data.chat import IGNORE, SkipExample, check_template, encode, fit_length, normalize_conversation, pack
 from vlm.data.shards import ShardLoader
-from vlm.utils import cli, setup_logging
+from vlm.utils import cli, seed_everything, setup_logging
 
 log = logging.getLogger("train.instruct")
 
@@ -193,9 +193,9 @@ def main(argv=None) -> int:
     d = init_distributed()
     setup_logging(quiet=not d.is_main)
     try:
-        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank (FSDP2 shards them as built)
+        seed_everything(cfg.train.seed)  # the same initial weights on every rank (FSDP2 shards them as built)
         model, kwargs = build_run(cfg, d)
-        torch.manual_seed(cfg.train.seed + d.rank)
+        seed_everything(cfg.train.seed + d.rank)
         tokenizer = kwargs.pop("tokenizer")
         trainer = Trainer(model, **kwargs)
         result = trainer.fit()

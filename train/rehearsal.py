@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 
 from vlm.remote_code import refuse_remote_code
+from vlm.utils import seed_everything
 
 log = logging.getLogger("train.rehearse")
 
@@ -398,7 +399,7 @@ def _gather_counts(counts: dict, d) -> dict:
 
 def _build(r: Rehearsal, d):
     """What the entry point builds for this config (train.clip / train.instruct), seeded as they seed."""
-    from train.clip import build_run as clip_run, seed_everything
+    from train.clip import build_run as clip_run
     from train.instruct import build_run as instruct_run
 
     seed_everything(r.cfg.train.seed)

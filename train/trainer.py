@@ -27,6 +27,7 @@ from train.distributed import (Dist, all_reduce_mean, clip_grad_norm, paralleliz
                                sync_replicated_grads, unwrap)
 from train.optim import EMA, build_optimizer, build_scheduler
 from vlm import checkpoint as ckpt
+from vlm.utils import seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -276,12 +277,7 @@ class Trainer:
         if self.d.rank < len(state["rng"]):
             ckpt.set_rng_state(state["rng"][self.d.rank], tensor_rngs[self.d.rank])
         else:
-            import random
-
-            import numpy as np
-
-            seed = (self.cfg.seed * 1_000_003 + state["step"] * 1009 + self.d.rank) % 2**31
-            random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+            seed_everything((self.cfg.seed * 1_000_003 + state["step"] * 1009 + self.d.rank) % 2**31)
         self.step, self.nonfinite_total = state["step"], state.get("nonfinite_total", 0)
         self._nf_total = torch.tensor(self.nonfinite_total, dtype=torch.int64, device=self.d.device)
         self._nf_run = torch.zeros((), dtype=torch.int64, device=self.d.device)

@@ -13,6 +13,17 @@ import torch
 USAGE_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError)
 
 
+def seed_everything(seed: int) -> None:
+    """Seed python's, numpy's and torch's generators (every device's)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def setup_logging(quiet: bool = False) -> None:
     level = logging.WARNING if quiet else logging.INFO
     rank = os.environ.get("RANK")

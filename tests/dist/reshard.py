@@ -9,11 +9,12 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
-from train.clip import build_run, seed_everything
+from train.clip import build_run
 from train.config import ClipRunConfig, parse_run_config
 from train.distributed import cleanup, init_distributed
 from train.trainer import Trainer
 from vlm import checkpoint as ckpt
+from vlm.utils import seed_everything
 
 
 def main(path: str, report: str, argv: list[str]) -> None:
