@@ -12,6 +12,17 @@ class BenchmarkError(FormatError):
     """A data root that is not the benchmark's official layout."""
 
 
+def image_inside(root: Path, rel: str, where: str) -> str:
+    """``root / rel`` with every symlink resolved, or a BenchmarkError naming the record when the path leaves
+    ``root`` (``..``, an absolute path, a link pointing out): a release never names files outside itself."""
+    from vlm.data.paths import resolve_inside
+
+    path = resolve_inside(root, rel)
+    if path is None:
+        raise BenchmarkError(f"{where}: its image path leaves {root}")
+    return str(path)
+
+
 @dataclass
 class VQAItem:
     qid: object  # the benchmark's own question id (int or str)
@@ -79,5 +90,7 @@ class ReportBenchmark:
             if not isinstance(r, dict) or "id" not in r or not isinstance(r.get("report"), str):
                 raise BenchmarkError(f"{self.annotation}: {self.split}[{i}] lacks 'id' or 'report'")
             paths = r.get("image_path") or []
-            items.append(ReportItem(str(r["id"]), r["report"], [str(self.image_root / p) for p in paths]))
+            where = f"{self.annotation}: {self.split}[{i}]"
+            items.append(ReportItem(str(r["id"]), r["report"], [image_inside(self.image_root, str(p), where)
+                                                                for p in paths]))
         return items

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from eval.benchmarks.base import BenchmarkError, VQABenchmark, VQAItem
+from eval.benchmarks.base import BenchmarkError, VQABenchmark, VQAItem, image_inside
 from vlm.data.formats import answer_type, load_plain_pickle
 
 
@@ -29,7 +29,8 @@ class PathVQA(VQABenchmark):
                 name = str(r.get("image", r.get("img_id", "")))
                 ans = str(r["answer"])
                 items.append(VQAItem(r.get("qid", i), r["question"], ans, answer_type(r, ans),
-                                     image=str(images / (name if Path(name).suffix else name + ".jpg")),
+                                     image=image_inside(images, name if Path(name).suffix else name + ".jpg",
+                                                        f"{pkl}: record {i}"),
                                      categories={"answer_type": answer_type(r, ans)}))
             return items
         return self.load_parquet(f"{pkl}")

@@ -4,7 +4,7 @@ split has 1,061 questions: 645 OPEN, 416 CLOSED), Chinese with lang="zh".
 """
 from __future__ import annotations
 
-from eval.benchmarks.base import BenchmarkError, VQABenchmark, VQAItem
+from eval.benchmarks.base import BenchmarkError, VQABenchmark, VQAItem, image_inside
 from vlm.data.formats import answer_type, load_json_file
 
 SPLIT_FILES = {"train": ("train.json",), "val": ("validate.json", "validation.json"), "test": ("test.json",)}
@@ -31,7 +31,8 @@ class Slake(VQABenchmark):
             ans = str(r["answer"])
             items.append(VQAItem(
                 r["qid"], r["question"], ans, answer_type(r, ans),
-                image=str(self.root / "imgs" / r["img_name"]) if r.get("img_name") else None,
+                image=image_inside(self.root / "imgs", str(r["img_name"]), f"{path}: record {i}")
+                if r.get("img_name") else None,
                 categories={"answer_type": answer_type(r, ans), "content_type": r.get("content_type"),
                             "modality": r.get("modality"), "organ": r.get("location")}))
         return items

@@ -4,7 +4,7 @@ or the Hugging Face parquet release (question id = row index within the split).
 """
 from __future__ import annotations
 
-from eval.benchmarks.base import BenchmarkError, VQABenchmark, VQAItem
+from eval.benchmarks.base import BenchmarkError, VQABenchmark, VQAItem, image_inside
 from vlm.data.formats import VQA_RAD_FILE, answer_type, load_json_file, vqa_rad_split
 
 
@@ -25,7 +25,8 @@ class VQARad(VQABenchmark):
                 ans = str(r["answer"])
                 items.append(VQAItem(
                     r["qid"], r["question"], ans, answer_type(r, ans),
-                    image=str(official.parent / "VQA_RAD Image Folder" / r["image_name"]),
+                    image=image_inside(official.parent / "VQA_RAD Image Folder", str(r["image_name"]),
+                                       f"{official}: record {i}"),
                     categories={"answer_type": answer_type(r, ans), "question_type": r.get("question_type"),
                                 "organ": r.get("image_organ"), "phrase_type": r.get("phrase_type")}))
             return items
