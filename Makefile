@@ -21,7 +21,7 @@ SYNTH_TEST   ?= 400
 STAGES := $(DEMO)/.stages
 LOGS   := $(DEMO)/logs
 
-.PHONY: demo test test-all setup clean-demo contracts bench
+.PHONY: demo test test-all setup clean-demo contracts bench drills
 
 setup: $(STAMP)
 
@@ -42,6 +42,10 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest tests -m "not gpu" -q $(TEST_ARGS)
+
+# the standing drill suite alone (tests/reliability, also part of make test), with its totals
+drills: $(STAMP)
+	$(PY) -m tests.reliability.report -- $(TEST_ARGS)
 
 # ---------------------------------------------------------------------------------------------
 # make demo: every stage writes a stamp when it succeeds, so a second `make demo` after an

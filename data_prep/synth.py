@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from data_prep.concepts import ConceptTagger
-from data_prep.writer import ImageRef, Pixels, Record, WriteOptions, prepare_output, write_shards
+from data_prep.writer import ImageRef, Pixels, Record, WriteOptions, check_counts, prepare_output, write_shards
 from vlm.utils import cli, setup_logging
 
 log = logging.getLogger("data_prep.synth")
@@ -369,6 +369,9 @@ def main(argv=None) -> int:
         raise ValueError("--image-size must be within 16..1024")
     if args.num_train < 1 or args.num_test < 1:
         raise ValueError("--num-train and --num-test must be >= 1")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0 (got {args.seed})")
+    check_counts(args.shard_size, args.workers)
     t0 = time.time()
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:

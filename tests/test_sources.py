@@ -38,6 +38,15 @@ def summary(folder) -> dict:
     return read_manifest(folder).extra["summary"]
 
 
+def private_key(folder, source: str, rel: str) -> str:
+    """The key pairs/imagefolder give the image at ``rel``: a keyed hash with the folder's own secret."""
+    from types import SimpleNamespace
+
+    from data_prep.keys import hashed_key
+
+    return hashed_key(source, rel, SimpleNamespace(out=str(folder), key_secret=None))
+
+
 # --- SLAKE (real records) -------------------------------------------------------------------
 
 def test_slake_real_records(tmp_path):
@@ -214,10 +223,12 @@ def test_pairs_csv_exact_skip_counts(tmp_path):
     assert s["written"] == 2 and s["read"] == 6
     assert s["skipped"] == {"missing_text": 1, "missing_image": 1, "bad_image": 1, "missing_image_path": 1}
     got = samples(tmp_path / "o")
-    meta = json.loads(got["pairs-c"]["json"])
+    key_a, key_c = (private_key(tmp_path / "o", "pairs", n) for n in ("a.png", "c.png"))
+    assert set(got) == {key_a, key_c} and key_a.startswith("pairs-") and len(key_a) == len("pairs-") + 20
+    meta = json.loads(got[key_c]["json"])
     assert meta["labels"] == ["none", "normal"] and meta["modality"] == "ct"
-    assert got["pairs-a"]["png"] == (tmp_path / "img" / "a.png").read_bytes()  # untouched bytes kept
-    assert any(c["name"] == "nodule" for c in json.loads(got["pairs-a"]["json"])["concepts"])
+    assert got[key_a]["png"] == (tmp_path / "img" / "a.png").read_bytes()  # untouched bytes kept
+    assert any(c["name"] == "nodule" for c in json.loads(got[key_a]["json"])["concepts"])
 
 
 def test_pairs_jsonl_resize_dedup_and_16bit(tmp_path):
@@ -232,7 +243,7 @@ def test_pairs_jsonl_resize_dedup_and_16bit(tmp_path):
                "--max-size", "30", "--dedup") == 0
     s = summary(tmp_path / "o")
     assert s["written"] == 2 and s["duplicates"] == 1 and s["skipped"] == {"bad_row": 2}
-    img = Image.open(io.BytesIO(samples(tmp_path / "o")["pairs-x16"]["png"]))
+    img = Image.open(io.BytesIO(samples(tmp_path / "o")[private_key(tmp_path / "o", "pairs", "x16.png")]["png"]))
     assert img.mode == "I;16" and img.size == (30, 20)
     assert np.asarray(img).max() > 255  # depth kept through the resize
 
@@ -288,8 +299,10 @@ def test_imagefolder(tmp_path):
     assert run("--format", "imagefolder", "--input", tmp_path / "cls", "--out", tmp_path / "o",
                "--caption-template", "a chest x-ray showing {label}") == 0
     got = samples(tmp_path / "o")
-    assert got["imagefolder-normal_lung-3"]["txt"] == b"a chest x-ray showing normal lung"
-    assert json.loads(got["imagefolder-pneumonia-1"]["json"])["labels"] == ["pneumonia"]
+    key = lambda rel: private_key(tmp_path / "o", "imagefolder", rel)  # noqa: E731
+    assert set(got) == {key("normal_lung/3.png"), key("pneumonia/1.png"), key("pneumonia/2.png")}
+    assert got[key("normal_lung/3.png")]["txt"] == b"a chest x-ray showing normal lung"
+    assert json.loads(got[key("pneumonia/1.png")]["json"])["labels"] == ["pneumonia"]
 
 
 # --- DICOM: real files from pydicom, no PHI anywhere -------------------------------------------

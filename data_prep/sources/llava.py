@@ -3,57 +3,80 @@
 Record: {"id", "image": "rel/path.jpg" (or a list of paths), "conversations": [{"from": "human",
 "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}]}; LLaVA-Med's extra keys (domain,
 type, fig_caption, ...) are kept in the metadata. The text of a sample is its first answer.
+Image paths are relative to --image-root (default: the file's folder) and must stay inside it
+(``outside_root`` otherwise); a record whose id is not a string or number, or whose image field
+holds something other than paths, is ``bad_row``.
+
+Keys are ``<source>-<id>``: the record's own id (LLaVA-Med's figure ids, or the record's position when
+it has none), never derived from the image path; the image paths are kept in ``meta.image_names`` as
+the release names them. Failing records are named ``record N`` (JSON, 0-based) or ``line N`` (JSONL),
+with ``(id ...)`` once the id is known to be usable; an unforeseen exception while handling a record is
+that record's ``error`` skip.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from data_prep.sources import SourceError, image_root, load_json, load_table
-from data_prep.sources.pairs import image_ref
+from data_prep.sources import (BadField, BadRow, SourceError, each_row, file_ref, image_root, load_json, load_table,
+                               path_list, resolve_inside, text_field, type_name)
+from data_prep.sources.dicom import dicom_options
 from data_prep.writer import Record, Rejected
 from vlm.data.schema import sanitize_key
 
 ROLES = {"human", "gpt", "user", "assistant", "system"}
 
 
-def _records(path) -> list:
+def _records(path) -> list[tuple[str, object]]:
     if str(path).endswith((".jsonl", ".ndjson")):
         return load_table(path)[1]
     data = load_json(path, "--input")
     if not isinstance(data, list):
-        raise SourceError(f"{path}: a LLaVA file is a JSON list of records")
-    return data
+        raise SourceError(f"{path}: a LLaVA file is a JSON list of records, found {type_name(data)}")
+    return [(f"record {i}", r) for i, r in enumerate(data)]
 
 
 def read(opts):
     rows = _records(opts.input)
-    if rows and not any(isinstance(r, dict) and "conversations" in r for r in rows[:100]):
+    if rows and not any(isinstance(r, dict) and "conversations" in r for _, r in rows[:100]):
         raise SourceError(f"{opts.input}: no 'conversations' key in the first records; is this a LLaVA file?")
     root = image_root(opts, Path(opts.input).parent)
+    dcm = dicom_options(opts)  # validates --window before anything is written (.dcm images)
 
-    def gen():
-        for i, r in enumerate(rows):
-            label = f"record {i} (id {r.get('id')})" if isinstance(r, dict) else f"record {i}"
-            if not isinstance(r, dict) or "__bad__" in r:
-                yield Rejected("bad_row", label)
-                continue
-            conv = r.get("conversations")
-            if not isinstance(conv, list) or not conv or not all(
-                    isinstance(t, dict) and t.get("from") in ROLES and isinstance(t.get("value"), str) for t in conv):
-                yield Rejected("bad_conversation", label)
-                continue
-            images = r.get("image")
-            if not images:
-                yield Rejected("text_only", label)
-                continue
-            images = images if isinstance(images, list) else [images]
-            meta = {k: v for k, v in r.items() if k not in ("image", "conversations", "id")}
-            meta.update({"source": opts.source_name or "llava", "modality": r.get("modality") or opts.modality or "unknown",
-                         "split": r.get("split") or opts.split or "train", "conversations": conv,
-                         "image_names": [str(x) for x in images]})
-            answer = next((t["value"] for t in conv if t["from"] in ("gpt", "assistant")), None)
-            key = sanitize_key(f"{meta['source']}-{r.get('id', i)}")
-            refs = [image_ref(root / str(x), opts) for x in images]
-            yield Record(key, refs, answer, meta, label)
+    def label_of(where, i, r):  # "record 3 (id 1234)", or the position alone when the id is unusable
+        rid = r.get("id", i) if isinstance(r, dict) else None
+        ok = isinstance(rid, (str, int)) and not isinstance(rid, bool)
+        return f"{where} (id {str(rid)[:80]})" if ok else where
 
-    return gen(), len(rows)
+    def row_item(label, where, i, r):
+        if isinstance(r, BadRow):
+            return Rejected("bad_row", where, r.detail)
+        if not isinstance(r, dict):
+            return Rejected("bad_row", where, f"{type_name(r)}, not an object")
+        rid = r.get("id", i)
+        if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+            return Rejected("bad_row", where, f"id is {type_name(rid)}, not a string")
+        conv = r.get("conversations")
+        if not isinstance(conv, list) or not conv or not all(
+                isinstance(t, dict) and t.get("from") in ROLES and isinstance(t.get("value"), str) for t in conv):
+            return Rejected("bad_conversation", label)
+        images = r.get("image")
+        if images is None or images == "" or images == []:
+            return Rejected("text_only", label)
+        try:
+            images = path_list(images, "image")
+            modality, split = text_field(r, "modality"), text_field(r, "split")
+        except BadField as e:
+            return Rejected("bad_row", label, str(e))
+        paths = [resolve_inside(root, x, opts) for x in images]
+        if any(p is None for p in paths):
+            return Rejected("outside_root", label)
+        meta = {k: v for k, v in r.items() if k not in ("image", "conversations", "id")}
+        meta.update({"source": opts.source_name or "llava", "modality": modality or opts.modality or "unknown",
+                     "split": split or opts.split or "train", "conversations": conv,
+                     "image_names": images})
+        answer = next((t["value"] for t in conv if t["from"] in ("gpt", "assistant")), None)
+        key = sanitize_key(f"{meta['source']}-{rid}")
+        return Record(key, [file_ref(p, x, opts, dcm) for p, x in zip(paths, images)], answer, meta, label)
+
+    # one record's unforeseen exception is its error skip (each_row), named as its other skips are
+    return each_row(((label_of(where, i, r), where, i, r) for i, (where, r) in enumerate(rows)), row_item), len(rows)

@@ -7,6 +7,7 @@ resolve row paths with ``resolve_inside``.
 """
 from __future__ import annotations
 
+import functools
 import os
 import stat
 from collections import deque
@@ -15,6 +16,7 @@ from pathlib import Path
 MAX_SYMLINK_HOPS = 40  # as the kernel's limit: more is a loop
 
 
+@functools.lru_cache(maxsize=64)
 def _real_root(root: str) -> str:
     return os.path.realpath(root)
 
