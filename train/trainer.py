@@ -14,6 +14,7 @@ import os
 import signal
 import threading
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Protocol
@@ -142,6 +143,7 @@ class Trainer:
         self.sched = build_scheduler(self.opt, optim_cfg, cfg.steps)
         self.ema = EMA(self.raw_model, optim_cfg.ema_decay) if optim_cfg.ema_decay > 0 else None
         self.step, self.nonfinite_total = 0, 0  # non-finite steps skipped (as read at the last logging step)
+        self._skipped_before: Counter = Counter()  # this rank's skipped samples of the epochs before the current
         self._nf_run = torch.zeros((), dtype=torch.int64)  # on the device: read at logging steps only
         self._nf_total = torch.zeros((), dtype=torch.int64)
         self._nf_max = torch.zeros((), dtype=torch.int64)
@@ -196,11 +198,12 @@ class Trainer:
         data = self._data_pos if self._data_pos is not None else self.loader.state_dict()
         ranks = [None] * self.d.world_size
         if self.d.enabled:
-            dist.all_gather_object(ranks, (plain_rng, tensor_rng, data))
+            dist.all_gather_object(ranks, (plain_rng, tensor_rng, data, dict(self._skipped_before)))
         else:
-            ranks = [(plain_rng, tensor_rng, data)]
-        small = {"scheduler": self.sched.state_dict(), "rng": [t for _, t, _ in ranks]}
-        state = {"step": self.step, "data": [x for _, _, x in ranks], "rng": [p for p, _, _ in ranks],
+            ranks = [(plain_rng, tensor_rng, data, dict(self._skipped_before))]
+        small = {"scheduler": self.sched.state_dict(), "rng": [r[1] for r in ranks]}
+        state = {"step": self.step, "data": [r[2] for r in ranks], "rng": [r[0] for r in ranks],
+                 "skipped_before": [r[3] for r in ranks],
                  "nonfinite_total": int(self._nf_total), "world_size": self.d.world_size,
                  "parallel": self.cfg.parallel if self.d.enabled else "none",
                  "ema_aliases": self.ema.aliases if self.ema else {}, "config": _jsonable(self.run_config)}
@@ -279,6 +282,11 @@ class Trainer:
         else:
             seed_everything((self.cfg.seed * 1_000_003 + state["step"] * 1009 + self.d.rank) % 2**31)
         self.step, self.nonfinite_total = state["step"], state.get("nonfinite_total", 0)
+        before = state.get("skipped_before", [])  # other world size: rank 0 carries the ranks it lost
+        self._skipped_before = Counter(before[self.d.rank] if self.d.rank < len(before) else {})
+        if self.d.is_main:
+            for extra in before[self.d.world_size:]:
+                self._skipped_before.update(extra)
         self._nf_total = torch.tensor(self.nonfinite_total, dtype=torch.int64, device=self.d.device)
         self._nf_run = torch.zeros((), dtype=torch.int64, device=self.d.device)
         self._nf_max = torch.zeros((), dtype=torch.int64, device=self.d.device)
@@ -397,6 +405,7 @@ class Trainer:
                     why = ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items(), key=lambda kv: -kv[1]))
                     raise RuntimeError(f"the data stream yielded no batch for a whole epoch on rank {self.d.rank} "
                                        f"(skipped: {why or 'nothing'}): check data.sources") from None
+                self._skipped_before.update(self.loader.skipped)  # the loader counts per epoch
                 self.loader.set_epoch(self.loader.epoch + 1)
                 self._batches = None
 
@@ -589,13 +598,14 @@ class Trainer:
             raise NonFiniteError(
                 f"{nf_run} non-finite losses in a row at step {self.step}: stopping. The last good "
                 f"checkpoint is intact in {self.ckpt_dir}; lower optim.lr, use fp32, or check the data.")
-        metrics.update(skipped_samples=sum(self.loader.skipped.values()), nonfinite_steps=nf_total)
+        skipped = self._skipped_before + Counter(self.loader.skipped)  # this rank's, since the run began
+        metrics.update(skipped_samples=sum(skipped.values()), nonfinite_steps=nf_total)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
         dt = time.time() - self._t_log
         metrics["samples_per_s"] = self._samples_since / max(dt, 1e-9)
         self._t_log, self._samples_since = time.time(), 0
         self._log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-                  | {f"skipped/{k}": v for k, v in self.loader.skipped.items()})
+                  | {f"skipped/{k}": v for k, v in skipped.items()})
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

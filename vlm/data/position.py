@@ -50,7 +50,7 @@ from collections import Counter
 from typing import Any, Callable, Iterator, Optional
 
 from vlm.data.schema import split_member_name
-from vlm.data.tario import TruncatedTar, iter_entries, open_tar
+from vlm.data.tario import NOT_A_FILE, TruncatedTar, iter_entries, open_tar
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,11 @@ def raw_samples(path, counts: Counter, start: int = 0, stop: Optional[int] = Non
     happens at, so readers sharing a shard count each problem once. ``pos`` is the sample's position,
     ``at`` the byte offset of its first header, ``nxt`` that of the member that began the next sample
     (None: the shard ended or broke after it). A sample is yielded once a member of another key begins,
-    so a truncated tar loses only the sample it broke inside, never a complete one.
+    so a truncated tar loses only the sample it broke inside, never a complete one: a break (a cut or a
+    malformed header, counted once under its ``reason``: truncated_tar, bad_tar_header; vlm.data.tario)
+    keeps the sample in progress when the broken header names a member of another sample. Members with
+    unsafe names and members that are not files (links, devices) are left out and counted
+    (``unsafe_member_name``, ``non_file_member``), as an unreadable shard is (``truncated_tar``).
     """
     key, parts, index, at = None, {}, pos0 - 1, off  # index: position of sample ``key``
 
@@ -92,9 +96,9 @@ def raw_samples(path, counts: Counter, start: int = 0, stop: Optional[int] = Non
     try:
         for moff, name, data in iter_entries(path, want if start > pos0 or stop is not None else None, off):
             split = split_member_name(name)
-            if split is None:
+            if split is None or data is NOT_A_FILE:
                 if owned(max(index, 0)):
-                    counts["unsafe_member_name"] += 1
+                    counts["unsafe_member_name" if split is None else "non_file_member"] += 1
                 continue
             k, ext = split
             if k != key:
@@ -107,9 +111,10 @@ def raw_samples(path, counts: Counter, start: int = 0, stop: Optional[int] = Non
                 parts[ext] = data
     except (TruncatedTar, OSError) as exn:
         cut = split_member_name(exn.member) if getattr(exn, "member", None) else None
-        in_next = cut is not None and cut[0] != key  # the break came in the next sample: this one is complete
+        # the break came in the next sample (or at a member boundary, keep): the one in progress is kept
+        in_next = getattr(exn, "keep", False) or (cut is not None and cut[0] != key)
         if owned(index + 1 if in_next else max(index, 0)):
-            counts["truncated_tar"] += 1
+            counts[getattr(exn, "reason", "truncated_tar")] += 1
             log.warning("shard %s is truncated or corrupt (%s); the rest of it is skipped", path, exn)
         if parts and in_next:
             yield key, parts, index, at, None

@@ -27,11 +27,15 @@ position; it rotates the worker slots so the round-robin resumes where it stoppe
 positions together can also be redealt onto another world size or worker count
 (``ShardLoader.load_state_dicts``).
 
-Corrupt data (bad tar, escaping member names, undecodable or oversized images, bad JSON, missing
-caption) is skipped and counted by reason (by the one worker that owns
-the sample), never raised; but a stream that skips more than ``max_consecutive_skips`` samples in
-a row, or a rank that keeps none of an epoch's samples, stops with a ``DataStreamError`` naming
-the main reason, instead of spinning or training on nothing.
+Corrupt data (a truncated tar or a malformed tar header, escaping member names, links, undecodable or
+oversized images, PIL's decompression-bomb bound included, bad JSON, missing caption) is skipped and
+counted by reason (by the one worker that owns the sample, vlm.data.position.raw_samples), never
+raised; but a stream that skips more than ``max_consecutive_skips`` samples in a row, or a rank that
+keeps none of an epoch's samples, stops with a ``DataStreamError`` naming the main reason, instead of
+spinning or training on nothing. Skip counts travel with each batch and, for what a worker read after
+its last batch (skips, a dropped partial batch), with a batch-less tail at its end of epoch, recorded
+before the batch ahead of it is handed on: once the consumer holds an epoch's last batch,
+``ShardLoader.skipped`` holds every count of the epoch, whatever the number of workers.
 """
 from __future__ import annotations
 
@@ -45,6 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlm.data import position as P
@@ -139,7 +144,7 @@ def decode_sample(key: str, parts: dict[str, bytes], transform: MedicalImageTran
             meta = json.loads(parts["json"])
             if not isinstance(meta, dict):
                 return "bad_json"
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (ValueError, RecursionError):  # not UTF-8, not JSON, a 5000-digit number, nesting 100k deep
             return "bad_json"
     text = None
     if "txt" in parts:
@@ -156,6 +161,8 @@ def decode_sample(key: str, parts: dict[str, bytes], transform: MedicalImageTran
             images.append(transform.from_bytes(parts[v]))
     except ValueError as e:
         return "image_too_large" if "max_pixels" in str(e) else "bad_image"
+    except Image.DecompressionBombError:  # PIL's own bound (2 x Image.MAX_IMAGE_PIXELS), above max_pixels
+        return "image_too_large"
     except Exception:  # PIL raises many types for truncated/corrupt files
         return "bad_image"
     return {"key": key, "image": images[0], "views": images[1:], "text": text, "meta": meta}
@@ -194,9 +201,11 @@ _HINTS = {
 }
 _SHARD_HINT = "the shards themselves: python -m data_prep.inspect FOLDER verifies them member by member"
 for _r in ("missing_image", "bad_image", "bad_json", "bad_text", "unsafe_member_name", "truncated_tar",
-           "empty_shard", "bad_conversation", "unknown_role", "empty_assistant_turn", "no_assistant_turn"):
+           "bad_tar_header", "non_file_member", "empty_shard", "bad_conversation", "unknown_role",
+           "empty_assistant_turn", "no_assistant_turn"):
     _HINTS[_r] = _SHARD_HINT
-_TAR_REASONS = ("unsafe_member_name", "truncated_tar")  # counted per member or shard, not per sample
+# counted per member or per shard, not per sample
+_TAR_REASONS = ("unsafe_member_name", "non_file_member", "truncated_tar", "bad_tar_header")
 
 
 def _skip_error(what: str, reasons: Counter, folders: list[str], advice: str = "") -> DataStreamError:
@@ -274,6 +283,8 @@ class ShardStream(IterableDataset):
         """
         m = self.sources[src_idx]
         n, shift, order = m.num_samples, 0, list(range(len(m.shards)))
+        if n == 0:  # every shard's count is 0 by the manifest: worker 0 reads them (and counts what is wrong)
+            return [(j, 0, -1, 0, 0, 0) for j in order] if gw == 0 else []
         if self.cfg.shuffle_shards:
             rng = random.Random(self._seed("shards", src_idx))
             rng.shuffle(order)
@@ -479,10 +490,14 @@ class ShardLoader:
     Interruptions: an exception raised while the loader waits for a batch (say by a SIGTERM handler)
     propagates as is, the worker processes are shut down at once, and ``state_dict()`` stays at the
     last batch boundary (the last batch yielded, plus any batch-less tails since), so a checkpoint
-    written then resumes with exactly the batches not yet yielded. Nothing here catches
-    ``Exception`` around the wait; note that sample decoding in the main process (``num_workers=0``)
-    does, for the many error types of image libraries: an interrupting exception is best derived
-    from ``BaseException``, as ``KeyboardInterrupt`` is.
+    written then resumes with exactly the batches not yet yielded. (Without ``resampled``, a batch is
+    handed on once the next item is in (in the main process: near the share's end only), so that the
+    tails behind it, the counts of workers that have ended, are recorded first: when the consumer holds
+    the epoch's last batch, ``skipped`` is complete. The item looked ahead at stays unrecorded, and an
+    interruption meanwhile undoes the batch, not yet yielded.) Nothing here catches ``Exception``
+    around the wait; note that sample decoding in the main process (``num_workers=0``) does, for the
+    many error types of image libraries: an interrupting exception is best derived from
+    ``BaseException``, as ``KeyboardInterrupt`` is.
     """
 
     def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, **stream_kwargs):
@@ -691,6 +706,12 @@ class ShardLoader:
             self.batches += 1
         return tail
 
+    def _share(self) -> int:
+        """Raw samples of this epoch's deal for the one worker of ``num_workers=0``, by the manifests."""
+        ds = self.dataset
+        return sum(max(0, (p[2] if p[2] >= 0 else m.shards[p[0]].num_samples) - p[1])
+                   for s, m in enumerate(ds.sources) for p in ds._deal(s, ds.rank, ds.world_size))
+
     def _snapshot(self) -> tuple:
         return (list(self.raw), list(self.worker_batches), list(self.worker_counts), list(self.positions),
                 self.next_worker, self.batches)
@@ -715,16 +736,44 @@ class ShardLoader:
                             persistent_workers=False, pin_memory=torch.cuda.is_available(),
                             prefetch_factor=4 if self.cfg.num_workers else None)
         items = iter(loader)
+        # A finite epoch: before a batch is handed on, the tails right behind it are recorded (looking one item
+        # ahead, held unrecorded), so that once the consumer holds the epoch's last batch every count is in,
+        # even if it never asks again. With workers the next item is usually prefetched already; in the main
+        # process only when at most a batch of the share is left (a resumed loader still reads only its buffer
+        # and the next batch). Never in resampled mode: a stream that keeps looking must hand on what it has.
+        cfg = self.cfg
+        share = None if cfg.resampled or cfg.num_workers or self.plans[0] is not None else self._share()
+
+        def ahead() -> bool:
+            if cfg.resampled:
+                return False
+            return bool(cfg.num_workers) or share is not None and share - self.raw[0] <= cfg.batch_size
+
+        held = None
         try:
-            for item in items:  # an exception while waiting here leaves the position untouched
+            while True:
+                if held is None:  # an exception while waiting here leaves the position untouched
+                    item = next(items, None)
+                    if item is None:
+                        break
+                else:
+                    item, held = held, None
                 before = self._snapshot()
                 try:
-                    tail = self._record(item)
-                except BaseException:  # interrupted while recording: this batch never reaches the consumer
+                    if self._record(item):
+                        continue
+                    while ahead():
+                        nxt = next(items, None)
+                        if nxt is None:
+                            break
+                        if not nxt["__tail__"]:
+                            held = nxt
+                            break
+                        self._record(nxt)
+                except BaseException:  # interrupted: this batch (and the tails after it) never reach the consumer
                     self._restore(before)
                     raise
-                if not tail:
-                    yield item
+                yield item
         finally:
             # On an exception, or when the consumer drops this generator: stop the workers now, not
             # whenever the last reference to the iterator happens to go.
