@@ -47,6 +47,7 @@ def ask_open_clip(folder: Path, image, prompts) -> dict:
     from vlm.remote_code import refuse_remote_code
     from vlm.zeroshot import build_classifier
 
+    refuse_remote_code(folder, "open_clip export")  # open_clip loads the tokenizer from the folder itself
     text_cfg = json.loads((folder / "open_clip_config.json").read_text())["model_cfg"].get("text_cfg", {})
     for key in ("hf_model_name", "hf_tokenizer_name"):  # stock open_clip loads these without trust_remote_code
         if text_cfg.get(key):

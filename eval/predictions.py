@@ -29,11 +29,11 @@ def read_predictions(path: str | Path, id_key: str, known_ids: list, allow_missi
     dups: list[str] = []
     raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a BOM is fine
     except UnicodeDecodeError as e:
         at = raw[:e.start].count(b"\n") + 1
         raise PredictionError(f"{path}:{at}: not UTF-8 text (byte {e.start})") from None
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):  # JSON strings may hold U+2028/U+0085: splitlines() would cut
         if not line.strip():
             continue
         try:

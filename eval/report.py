@@ -44,9 +44,9 @@ def score(args) -> dict:
     raw_preds = {it.id: preds.get(it.id, "") for it in items}
     # empty or whitespace-only reports still score above 0 under the protocols (R2Gen's cleaning turns "" into
     # " ."): the numbers stay the protocol's, and how many there were is reported beside them
-    num_empty = sum(not raw_preds[it.id].strip() for it in items)
+    num_empty = sum(not any(ch.isalnum() for ch in raw_preds[it.id]) for it in items)  # "", " ", ".", a zero-width space
     if num_empty:
-        log.warning("%d of %d reports are empty or whitespace%s: the protocol still scores them (R2Gen's cleaning "
+        log.warning("%d of %d reports are empty (no letter or digit)%s: the protocol still scores them (R2Gen's cleaning "
                     "makes '' into ' .'), see num_empty in the result", num_empty, len(items),
                     f" ({len(missing)} missing, scored as empty)" if missing else "")
     refs, hyps = prepare(raw_refs, args.text, bench.cleaner), prepare(raw_preds, args.text, bench.cleaner)

@@ -9,6 +9,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,11 +105,19 @@ def test_resume_on_another_world_size(saved_run, synth_dir, tiny32, tmp_path, np
     assert (out / "checkpoints/step_00000004/model.safetensors").exists()
 
 
+def as_earlier_version(step: Path) -> None:
+    """Make a checkpoint look like one of a version before checksums (none, and state.json does not ask)."""
+    (step / "checksums.json").unlink()
+    state = json.loads((step / "state.json").read_text())
+    del state["integrity"]
+    (step / "state.json").write_text(json.dumps(state))
+
+
 def test_foreign_objects_in_checkpoint_metadata_are_refused(saved_run, tmp_path):
     """DCP's metadata file is a pickle: one that names anything but DCP's own classes is refused unread."""
     bad = tmp_path / "step_00000002"
     shutil.copytree(saved_run / "checkpoints/step_00000002", bad)
-    (bad / "checksums.json").unlink()  # as a checkpoint of an earlier version: the reader itself must refuse
+    as_earlier_version(bad)  # no checksums: the reader itself must refuse
 
     class Evil:
         def __reduce__(self):
@@ -144,7 +153,7 @@ def test_truncated_shard_is_a_checkpoint_error(saved_run, tmp_path):
     shutil.copytree(saved_run / "checkpoints/step_00000004", bad)
     (bad / "model.safetensors").unlink()
     (bad / "ema.safetensors").unlink()
-    (bad / "checksums.json").unlink()  # no checksums (an earlier version): DCP's own read fails, named
+    as_earlier_version(bad)  # no checksums: DCP's own read fails, named
     part = bad / "dcp/__1_0.distcp"
     part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
     with pytest.raises(ckpt.CheckpointError, match="step_00000004: its shards could not be read"):

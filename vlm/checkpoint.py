@@ -112,8 +112,9 @@ class PendingSave:
     """A checkpoint whose shards are still being written (``dcp.async_save``): ``finish()`` waits for them and,
     on rank 0, completes the folder (COMPLETE, rename, pruning). ``done()`` polls without waiting."""
 
-    def __init__(self, future: Optional[Future], tmp: Path, final: Path, keep_last: int, main: bool):
+    def __init__(self, future: Optional[Future], tmp: Path, final: Path, keep_last: int, main: bool, ranks: int = 0):
         self.future, self.tmp, self.final, self.keep_last, self.main = future, tmp, final, keep_last, main
+        self.ranks = ranks  # async: how many ranks' digest files to wait for
 
     def done(self) -> bool:
         return self.future is None or self.future.done()
@@ -123,7 +124,7 @@ class PendingSave:
             self.future.result()  # re-raises a failed write
             self.future = None
         if self.main and self.tmp.exists():
-            _complete(self.tmp, self.final, self.keep_last)
+            _complete(self.tmp, self.final, self.keep_last, self.ranks)
         return self.final
 
 
@@ -147,20 +148,23 @@ def save_sharded(folder: str | Path, step: int, tensors: dict, small: dict, stat
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         torch.save(small, tmp / "train_state.pt")
-        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        (tmp / "state.json").write_text(json.dumps(state | {"integrity": CHECKSUMS}, indent=1))
     if distributed:
         dist.barrier()
     writer = dcp.FileSystemWriter(str(tmp / "dcp"), single_file_per_rank=True, sync_files=True)
     kw = dict(storage_writer=writer, process_group=process_group, no_dist=not distributed)
     with _single_process_ok():
+        rank = dist.get_rank() if distributed else 0
         if async_save:
             fut = dcp.async_save(tensors, **kw)
             fut = getattr(fut, "upload_completion", fut)  # newer torch wraps the future in a response object
-            return PendingSave(fut, tmp, final, keep_last, main)
+            # each rank hashes its own shard in the background thread that wrote it, as soon as it is written;
+            # rank 0 waits for those digests when it completes the checkpoint (_write_checksums)
+            fut.add_done_callback(lambda f: f.exception() is None and _rank_digests(tmp, rank))
+            world = dist.get_world_size(process_group) if distributed else 1
+            return PendingSave(fut, tmp, final, keep_last, main, ranks=world)
         dcp.save(tensors, **kw)
-    rank = dist.get_rank() if distributed else 0
-    own = sorted(p for p in (tmp / "dcp").glob(f"__{rank}_*.distcp"))
-    _write_json(tmp / "dcp" / f"{_RANK_SUMS}{rank}.json", {p.name: _digest(p) for p in own})
+    _rank_digests(tmp, rank)
     if distributed:
         dist.barrier(group=process_group)
     pending = PendingSave(None, tmp, final, keep_last, main)
@@ -170,7 +174,7 @@ def save_sharded(folder: str | Path, step: int, tensors: dict, small: dict, stat
     return pending
 
 
-def _complete(tmp: Path, final: Path, keep_last: int) -> None:
+def _complete(tmp: Path, final: Path, keep_last: int, ranks: int = 0) -> None:
     """fsync the small files and the folders, record checksums, write COMPLETE, rename into place, prune old
     checkpoints."""
     for p in (tmp / "train_state.pt", tmp / "state.json", tmp / "model.safetensors", tmp / "ema.safetensors"):
@@ -178,7 +182,7 @@ def _complete(tmp: Path, final: Path, keep_last: int) -> None:
             _fsync(p)
     if (tmp / "dcp").is_dir():
         _fsync(tmp / "dcp")
-    _write_checksums(tmp)
+    _write_checksums(tmp, ranks)
     with open(tmp / "COMPLETE", "w") as f:
         f.write(final.name.split("_")[-1])
         f.flush()
@@ -204,7 +208,7 @@ def save(folder: str | Path, step: int, model_state: dict, train_state: dict, st
     if ema_state is not None:
         save_file(_unshared(ema_state), tmp / "ema.safetensors")
     torch.save(train_state, tmp / "train_state.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    (tmp / "state.json").write_text(json.dumps(state | {"integrity": CHECKSUMS}, indent=1))
     _complete(tmp, final, keep_last)
     return final
 
@@ -270,9 +274,27 @@ def _files(folder: Path) -> list[str]:
     return out
 
 
-def _write_checksums(folder: Path) -> None:
-    """checksums.json for every file of ``folder``: the ranks' own digests of their shards where written (a
-    synchronous save), rank 0 hashes the rest (the small files; an async save's shards)."""
+def _rank_digests(folder: Path, rank: int) -> None:
+    """``dcp/.sha256.rank<r>.json``: this rank's digests of the shard files it wrote (empty when hashing failed:
+    rank 0 then hashes them itself, never waiting for a file that will not come)."""
+    try:
+        digests = {p.name: _digest(p) for p in sorted((folder / "dcp").glob(f"__{rank}_*.distcp"))}
+    except OSError as e:
+        log.warning("rank %d could not hash its checkpoint shard (%s): rank 0 will", rank, e)
+        digests = {}
+    _write_json(folder / "dcp" / f"{_RANK_SUMS}{rank}.json", digests)
+
+
+def _write_checksums(folder: Path, wait_ranks: int = 0, timeout: float = 600.0) -> None:
+    """checksums.json for every file of ``folder``: the ranks' own digests of their shards (an async save: waits
+    up to ``timeout`` s for ``wait_ranks`` ranks' digest files, which their background threads write), rank 0
+    hashes the rest (the small files; a shard whose digest did not come)."""
+    import time
+
+    deadline = time.time() + timeout
+    while wait_ranks and time.time() < deadline and \
+            len(list((folder / "dcp").glob(f"{_RANK_SUMS}*.json"))) < wait_ranks:
+        time.sleep(0.05)
     ranks: dict = {}
     for p in sorted((folder / "dcp").glob(f"{_RANK_SUMS}*.json")) if (folder / "dcp").is_dir() else []:
         ranks.update({f"dcp/{k}": v for k, v in json.loads(p.read_text()).items()})
@@ -288,18 +310,31 @@ def verify(path: str | Path, part: tuple[int, int] = (0, 1), only: Optional[set]
     the work); ``only``: check only these relative paths (the files a reader needs)."""
     path = Path(path)
     sums = path / CHECKSUMS
+    if not (path / "COMPLETE").exists():
+        return f"{path}: no COMPLETE marker"
     if not sums.is_file():
-        return None if (path / "COMPLETE").exists() else f"{path}: no COMPLETE marker"
+        try:  # a checkpoint of an earlier version has none; one written with checksums says so in state.json
+            has = json.loads((path / "state.json").read_text()).get("integrity") == CHECKSUMS
+        except (OSError, ValueError, AttributeError):
+            return f"{path / 'state.json'}: unreadable, and no {CHECKSUMS} to check the checkpoint with"
+        return f"{sums}: missing (the checkpoint was written with it)" if has else None
     try:
         files = json.loads(sums.read_text())["files"]
-        assert isinstance(files, dict)
-    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        if not isinstance(files, dict) or not all(
+                isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("sha256"), str)
+                for v in files.values()):
+            raise ValueError("malformed entries")
+    except (OSError, ValueError, KeyError, TypeError):
         return f"{sums}: unreadable checksums"
     if only is None:
         extra = sorted(set(_files(path)) - set(files))
         if extra and part[0] == 0:
             return f"{path / extra[0]}: a file the checkpoint did not have when it was written"
-    names = sorted(files) if only is None else sorted(set(files) & only)
+    else:
+        unlisted = sorted(only - set(files))
+        if unlisted:
+            return f"{path / unlisted[0]}: not in {CHECKSUMS} (added after the checkpoint was written)"
+    names = sorted(files) if only is None else sorted(only)
     for rel in names[part[0]::part[1]]:
         want, p = files[rel], path / rel
         if not p.is_file():
@@ -329,6 +364,16 @@ def pick_intact(folder: str | Path, part: tuple[int, int] = (0, 1), agree=None) 
     if found:
         raise CheckpointError(f"no intact checkpoint in {folder}: " + "; ".join(damaged[:3]))
     return None
+
+
+def _shard_files(path: Path) -> set:
+    """The DCP files of a checkpoint: those on disk and those its checksums list (a deleted one is missing)."""
+    found = {f"dcp/{p.name}" for p in (path / "dcp").iterdir() if p.is_file()} if is_sharded(path) else set()
+    try:
+        found |= {k for k in json.loads((path / CHECKSUMS).read_text())["files"] if k.startswith("dcp/")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # none, or unreadable: verify says so
+    return found
 
 
 def require_intact(path: str | Path, only: Optional[set] = None) -> None:
@@ -460,7 +505,7 @@ def model_weights(path: str | Path, ema: bool = False) -> dict:
     if single.is_file():
         require_intact(path, only={single.name})
         return _load_safetensors(single)
-    require_intact(path, only={f"dcp/{p.name}" for p in (path / "dcp").iterdir()} if is_sharded(path) else set())
+    require_intact(path, only=_shard_files(path))
     if not is_sharded(path):
         raise CheckpointError(f"{path}: no {single.name} and no dcp/ shards" +
                               (" (the run had no EMA)" if ema and (path / "model.safetensors").is_file() else ""))
@@ -481,14 +526,17 @@ def consolidate(path: str | Path) -> list[Path]:
     from its DCP shards, each file atomically. Returns the files written."""
     path = Path(path)
     written = []
+    sums = path / CHECKSUMS
+    listed = set(json.loads(sums.read_text())["files"]) if sums.is_file() else None
     for ema, name in ((False, "model.safetensors"), (True, "ema.safetensors")):
         if (path / name).is_file():
-            continue
+            if listed is None or name in listed:
+                continue
+            (path / name).unlink()  # written after the checksums (an interrupted consolidation): write it again
         if ema and not any(k.startswith("ema.") for k in shard_metadata(path)):
             continue
         _atomic_save_file(model_weights(path, ema=ema), path / name)
         written.append(path / name)
-    sums = path / CHECKSUMS
     if written and sums.is_file():
         data = json.loads(sums.read_text())
         data["files"].update({p.name: _digest(p) for p in written})

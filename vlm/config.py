@@ -67,6 +67,8 @@ def _read_yaml(path: Path, chain: tuple = ()) -> dict:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: {yaml_error_line(e)}") from None
+    except RecursionError:  # a self-referencing alias (a: &a [*a])
+        raise ConfigError(f"{path}: not valid YAML (a recursive alias)") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     bases = data.pop("_base_", None) or []
@@ -92,10 +94,12 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
             key, value = item.split("=", 1)
             # yaml parsing gives numbers, booleans, null and [lists]; list items by index: sources.0.path=...
             OmegaConf.update(base, key, yaml.safe_load(value) if value else value, merge=True)
-        where = str(path) if path is not None else "the defaults"
+        where = (str(path) if path is not None else "the defaults") + (" with the overrides" if overrides else "")
         obj = OmegaConf.to_object(base)
     except ConfigError:
         raise
+    except RecursionError:  # a YAML alias that contains itself (a: &a [*a])
+        raise ConfigError(f"{where}: not valid YAML (a recursive alias)") from None
     except OmegaConfBaseException as e:
         raise ConfigError(f"{where}: {_describe(e)}") from None
     except (ValueError, TypeError) as e:  # raised by a dataclass's __post_init__

@@ -8,6 +8,7 @@ which keeps the gradient path to every rank's own features.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,8 +31,12 @@ class LossConfig:
     def __post_init__(self):
         if self.kind not in ("clip", "siglip"):
             raise ValueError(f"loss.kind must be clip or siglip, got {self.kind!r}")
-        if self.concept_weight < 0:
-            raise ValueError("loss.concept_weight must be >= 0")
+        if not (self.concept_weight >= 0 and math.isfinite(self.concept_weight)):  # NaN fails every comparison
+            raise ValueError(f"loss.concept_weight must be a finite number >= 0, got {self.concept_weight}")
+        if not (self.logit_scale_max > 1 and math.isfinite(self.logit_scale_max)):
+            raise ValueError(f"loss.logit_scale_max must be a finite number > 1, got {self.logit_scale_max}")
+        if self.concepts_per_sample < 1:
+            raise ValueError(f"loss.concepts_per_sample must be >= 1, got {self.concepts_per_sample}")
 
 
 def _world() -> tuple[int, int]:

@@ -17,8 +17,10 @@ from pathlib import Path
 # the files in which transformers looks for auto_map (models, tokenizers, processors, image processors)
 CONFIG_FILES = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json",
                 "image_processor_config.json", "video_preprocessor_config.json", "feature_extractor_config.json",
-                "generation_config.json", "chat_template.json")
-CODE_KEYS = ("auto_map", "custom_pipelines")
+                "generation_config.json", "chat_template.json", "open_clip_config.json")
+# auto_map / custom_pipelines name the folder's Python; trust_remote_code=true inside a config (open_clip passes
+# an export's tokenizer_kwargs to from_pretrained as they are) would switch the refusal off
+CODE_KEYS = ("auto_map", "custom_pipelines", "trust_remote_code")
 
 
 class RemoteCodeError(ValueError):
@@ -28,7 +30,7 @@ class RemoteCodeError(ValueError):
 def _has_code_key(obj) -> str | None:
     if isinstance(obj, dict):
         for k, v in obj.items():
-            if k in CODE_KEYS and v:
+            if k in CODE_KEYS and v not in (None, False, {}, [], "", "false", "False"):
                 return k
             found = _has_code_key(v)
             if found:

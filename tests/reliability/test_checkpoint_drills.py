@@ -185,3 +185,48 @@ def test_sigkill_during_a_save_keeps_the_previous_checkpoint(run4, synth_dir, ti
         assert all(torch.equal(a[k], b[k]) for k in a)
         assert not list((out / "checkpoints").glob("*.tmp"))
         info["bytes_lost"] = 0
+
+
+MORE_DAMAGE = {
+    # losing checksums.json must not switch verification off: state.json says the checkpoint had one
+    "checksums.json deleted, shard flipped": lambda s: ((s / "checksums.json").unlink(), flip(shard_of(s))),
+    "malformed checksums entry": lambda s: (s / "checksums.json").write_text(
+        json.dumps({"algorithm": "sha256", "files": {"state.json": "x"}})),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MORE_DAMAGE))
+def test_damaged_integrity_records_fall_back_too(case, run4, synth_dir, tiny32, tmp_path, capsys, drill):
+    out = tmp_path / "run"
+    shutil.copytree(run4, out)
+    shutil.rmtree(out / "checkpoints/step_00000006")
+    damaged = out / "checkpoints/step_00000004"
+    MORE_DAMAGE[case](damaged)
+    with drill.fault(f"checkpoint damage, resume=latest: {case}") as info:
+        assert clip_main(clip_args(synth_dir, tiny32, out, 6, ["train.resume=latest"])) == 0
+        log = capsys.readouterr().err.splitlines()
+        warned = [x for x in log if "falling back" in x]
+        assert len(warned) == 1 and str(damaged / "checksums.json") in warned[0], warned
+        assert any("resumed from" in x and "step_00000002" in x for x in log)
+        info["bytes_lost"] = 0
+
+
+def test_weights_planted_after_the_checksums_are_refused(run4, tmp_path, capsys, drill):
+    """A model.safetensors copied into an intermediate (shards-only) checkpoint is not what it was written with:
+    readers refuse it; an interrupted consolidation's unlisted file is written again by consolidate."""
+    from train.export import main as export_main
+
+    step = tmp_path / "step_00000004"
+    shutil.copytree(run4 / "checkpoints/step_00000004", step)
+    shutil.copy(run4 / "checkpoints/step_00000006/model.safetensors", step / "model.safetensors")
+    with drill.hole("model.safetensors planted into a checkpoint"):
+        rc = export_main(["--checkpoint", str(step), "--to", "open_clip", "--out", str(tmp_path / "exp")])
+        err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+        assert rc == 2 and len(err) == 1 and f"{step / 'model.safetensors'}: not in checksums.json" in err[0], err
+    with drill.fault("kill between a consolidated file's rename and the checksums update") as info:
+        assert ckpt.consolidate(step) == [step / "model.safetensors"]  # rewritten from the verified shards
+        assert ckpt.verify(step) is None
+        shards = ckpt._read_full(step, "model.")
+        whole = ckpt.model_weights(step)
+        assert all(torch.equal(whole[k], shards[k]) for k in shards)
+        info["bytes_lost"] = 0

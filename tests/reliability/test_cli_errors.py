@@ -22,6 +22,12 @@ BAD_VALUES = {
     "train.log_every=0": "train.log_every must be >= 1, got 0",
     "train.max_nonfinite=0": "train.max_nonfinite must be >= 1, got 0",
     "train.eval_every=-5": "train.eval_every must be >= 0",
+    "optim.min_lr_ratio=2": "optim.min_lr_ratio must be in [0, 1]",
+}
+CLIP_ONLY = {
+    "loss.logit_scale_max=.nan": "loss.logit_scale_max must be a finite number > 1, got nan",
+    "loss.logit_scale_max=-1": "loss.logit_scale_max must be a finite number > 1, got -1",
+    "loss.concept_weight=.nan": "loss.concept_weight must be a finite number >= 0, got nan",
 }
 
 
@@ -29,8 +35,8 @@ def one_error_line(capsys) -> list[str]:
     return [x for x in capsys.readouterr().err.splitlines() if x.strip()]
 
 
-@pytest.mark.parametrize("override", sorted(BAD_VALUES))
-@pytest.mark.parametrize("entry", ["train.clip", "train.instruct"])
+@pytest.mark.parametrize("entry, override", [(e, o) for e in ("train.clip", "train.instruct") for o in sorted(BAD_VALUES)]
+                         + [("train.clip", o) for o in sorted(CLIP_ONLY)])
 def test_values_that_are_not_accepted(entry, override, tmp_path, capsys, drill):
     import importlib
 
@@ -39,7 +45,8 @@ def test_values_that_are_not_accepted(entry, override, tmp_path, capsys, drill):
     with drill.input(f"{entry} {override}"):
         rc = importlib.import_module(entry).main(["--config", str(cfg), f"train.output_dir={out}", override])
         lines = one_error_line(capsys)
-        assert rc == 2 and len(lines) == 1 and BAD_VALUES[override] in lines[0] and str(cfg) in lines[0], lines
+        expected = {**BAD_VALUES, **CLIP_ONLY}[override]
+        assert rc == 2 and len(lines) == 1 and expected in lines[0] and str(cfg) in lines[0], lines
         assert not out.exists()
 
 
@@ -48,6 +55,7 @@ YAML = {
     "tab indentation": (b"train:\n\tsteps: 3\n", "not valid YAML (line 2, column 1: found character '\\t'"),
     "not UTF-8": (b"train:\n  output_dir: \xff\xfe\n", "not UTF-8 text (byte 21)"),
     "a list at the top": (b"- 1\n- 2\n", "top level must be a mapping, got list"),
+    "a recursive alias": (b"a: &a [*a]\n", "not valid YAML (a recursive alias)"),
 }
 
 
@@ -102,6 +110,23 @@ def test_non_utf8_predictions_name_file_and_line(tmp_path, capsys, drill):
     assert not (tmp_path / "r.json").exists() and not (tmp_path / "r2.json").exists()
 
 
+def test_predictions_with_line_separators_in_strings_and_a_bom(tmp_path, capsys, drill):
+    """json.dumps(ensure_ascii=False) writes U+2028 and U+0085 raw inside strings: still one line each."""
+    from eval.report import main
+
+    ann = REPO / "tests/fixtures/iu_xray/annotation.json"
+    ids = [r["id"] for r in json.loads(ann.read_text())["val"]]
+    preds = tmp_path / "p.jsonl"
+    body = "".join(json.dumps({"id": i, "text": "heart normal.\u2028no effusion\u0085."}, ensure_ascii=False) + "\n"
+                   for i in ids)
+    preds.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    with drill.input("predictions: raw U+2028/U+0085 in strings, a BOM"):
+        rc = main(["score", "--benchmark", "iu_xray", "--annotation", str(ann), "--split", "val", "--predictions",
+                   str(preds), "--out", str(tmp_path / "r.json"), "--no-clinical"])
+        assert rc == 0, capsys.readouterr().err[-2000:]
+        assert json.loads((tmp_path / "r.json").read_text())["num_reports"] == len(ids)
+
+
 def test_empty_reports_are_counted_and_the_protocol_numbers_kept(tmp_path, capsys, drill):
     """Empty and whitespace reports: num_empty in the result and a warning; BLEU/ROUGE-L as the protocol gives."""
     from eval.report import main
@@ -109,7 +134,7 @@ def test_empty_reports_are_counted_and_the_protocol_numbers_kept(tmp_path, capsy
     ann = REPO / "tests/fixtures/iu_xray/annotation.json"
     ids = [r["id"] for r in json.loads(ann.read_text())["val"]]
     preds = tmp_path / "p.jsonl"
-    texts = ["", "   ", "\n"] + ["the heart is normal in size. no effusion."] * (len(ids) - 3)
+    texts = ["", "   ", ".", "\u200b"] + ["the heart is normal in size. no effusion."] * (len(ids) - 4)
     preds.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in zip(ids, texts)))
     with drill.input("empty and whitespace reports"):
         rc = main(["score", "--benchmark", "iu_xray", "--annotation", str(ann), "--split", "val", "--predictions",
@@ -117,6 +142,6 @@ def test_empty_reports_are_counted_and_the_protocol_numbers_kept(tmp_path, capsy
         err = capsys.readouterr().err
         assert rc == 0, err
         result = json.loads((tmp_path / "r.json").read_text())
-        assert result["num_empty"] == 3 and result["num_reports"] == len(ids)
-        assert "3 of 10 reports are empty or whitespace" in err
+        assert result["num_empty"] == 4 and result["num_reports"] == len(ids)
+        assert "4 of 10 reports are empty (no letter or digit)" in err
         assert result["rouge_l"] > 0  # the protocol still scores " ." against the references: kept as published

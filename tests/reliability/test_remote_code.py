@@ -67,6 +67,22 @@ def open_clip_folder(folder: Path, text_tower: Path) -> Path:
     return folder
 
 
+def evil_export(folder: Path, mark: Path, how: str) -> Path:
+    """A complete-looking open_clip export whose own folder carries the code: stock open_clip loads the tokenizer
+    from the export folder and passes ``tokenizer_kwargs`` to from_pretrained as they are."""
+    arch = json.loads((REPO / "configs/model/tiny-vit-hftext.json").read_text())
+    arch.pop("_comment", None)
+    arch["text_cfg"]["hf_model_name"] = arch["text_cfg"]["hf_tokenizer_name"] = "innocent/tokenizer"
+    if how == "tokenizer_kwargs":
+        arch["text_cfg"]["tokenizer_kwargs"] = {"trust_remote_code": True}
+    folder.mkdir(parents=True)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": arch, "preprocess_cfg": {}}))
+    (folder / "evil.py").write_text(PAYLOAD.format(mark=str(mark)))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "EvilTokenizer", "auto_map": {"AutoTokenizer": ["evil.EvilTokenizer", None]}}))
+    return folder
+
+
 def entry_points(tmp: Path, mark: Path):
     """(case, module, argv) for every entry point that loads a Hugging Face folder."""
     vlm = evil_folder(tmp / "evil_vlm", mark, "model")
@@ -87,7 +103,16 @@ def entry_points(tmp: Path, mark: Path):
                 "model.init_from=null", f"data.sources.0.path={tmp / 'no_shards'}", "train.progress=false"]
     good_tok = tmp / "tok"
     train_tokenizer("llama3").save_pretrained(good_tok)
+    export_kw = evil_export(tmp / "export_kw", mark, "tokenizer_kwargs")
+    export_map = evil_export(tmp / "export_map", mark, "auto_map")
     return [
+        ("eval.ask open_clip export, tokenizer_kwargs trust_remote_code", "eval.ask",
+         ["--model", str(export_kw), "--image", str(img), "--labels", "a,b"]),
+        ("eval.ask open_clip export with auto_map", "eval.ask",
+         ["--model", str(export_map), "--image", str(img), "--labels", "a,b"]),
+        ("eval.zeroshot open_clip export with auto_map", "eval.zeroshot",
+         ["--checkpoint", str(export_map), "--folder", str(tmp), "--out", str(tmp / "zs2"), "--prompts",
+          str(REPO / "configs/prompts/synth_modality.yaml")]),
         ("eval.ask transformers folder", "eval.ask", ["--model", str(vlm), "--image", str(img), "--question", "q"]),
         ("eval.ask open_clip HF text tower", "eval.ask", ["--model", str(clip), "--image", str(img), "--labels", "a,b"]),
         ("eval.vqa generate assistant loader", "eval.vqa",
@@ -109,6 +134,8 @@ def entry_points(tmp: Path, mark: Path):
 
 
 CASES = [
+    "eval.ask open_clip export, tokenizer_kwargs trust_remote_code", "eval.ask open_clip export with auto_map",
+    "eval.zeroshot open_clip export with auto_map",
     "eval.ask transformers folder", "eval.ask open_clip HF text tower", "eval.vqa generate assistant loader",
     "eval.zeroshot open_clip HF text tower", "train.clip HF text tower", "train.clip HF tokenizer",
     "train.instruct model.vision", "train.instruct model.llm", "train.instruct model.tokenizer",
@@ -130,4 +157,5 @@ def test_auto_map_folder_is_refused_by_every_entry_point(case, tmp_path, monkeyp
         assert not mark.exists(), "the folder's Python ran"
         assert rc == 2, err[-2000:]
         lines = [x for x in err.splitlines() if x.startswith("error:")]
-        assert len(lines) == 1 and "declares auto_map" in lines[0] and "never runs code" in lines[0], err[-2000:]
+        assert len(lines) == 1 and ("declares auto_map" in lines[0] or "declares trust_remote_code" in lines[0]) \
+            and "never runs code" in lines[0], err[-2000:]

@@ -240,6 +240,9 @@ def load_clip(path: str | Path, use_ema: bool = False) -> tuple[MedCLIP, dict]:
             raise ValueError(f"{p}: no complete checkpoint under checkpoints/")
         p = found[-1]
     if (p / "open_clip_config.json").is_file():
+        from vlm.remote_code import refuse_remote_code
+
+        refuse_remote_code(p, "open_clip export")
         cfg = json.loads((p / "open_clip_config.json").read_text())
         model = MedCLIP(cfg["model_cfg"], pretrained_text=False)
         weights = next((p / n for n in ("open_clip_model.safetensors", "model.safetensors") if (p / n).is_file()), None)
