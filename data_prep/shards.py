@@ -55,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace the shard set of a non-empty --out (the new set is swapped in only when complete; "
                         "other files there are kept)")
     p.add_argument("--allow-outside-root", action="store_true",
-                   help="follow image paths (../, absolute, symlinks) that leave --image-root; refused and "
-                        "counted as outside_root otherwise")
+                   help="follow image paths (../, absolute, symlinks) that leave --image-root, and symlinks that "
+                        "leave a dicom/nifti --input folder; refused and counted as outside_root otherwise")
     p.add_argument("--key-secret", help="file with the secret that keys of medical formats are hashed with "
                                         "(default: OUT/.key_secret, created at first use; see data_prep/keys.py)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
@@ -99,7 +99,8 @@ def main(argv=None) -> int:
     try:
         manifest, summary = write_shards(records, out, shard_size=args.shard_size, workers=args.workers, opts=opts,
                                          total=total, created_by=f"data_prep.shards --format {args.format}",
-                                         extra={"format": args.format}, progress=not args.quiet)
+                                         extra={"format": args.format}, progress=not args.quiet,
+                                         overwrite=args.overwrite)
     except WriteAborted as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

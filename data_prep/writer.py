@@ -41,7 +41,9 @@ that finished leaves the new one. A run that writes no sample does not replace a
 samples (its summary is printed; exit 1). Other files in ``--out`` (and ``.key_secret``, which keeps
 keys stable across ``--overwrite``) are never touched. One run at a time per folder: a run holds an
 exclusive ``flock`` on the folder while it writes (a second one is refused), and pool workers die with
-the main process (``PR_SET_PDEATHSIG``), so a killed run holds nothing.
+the main process (``PR_SET_PDEATHSIG``), so a killed run holds nothing. A run without ``--overwrite``
+checks that the folder is empty twice under that lock: when it starts (``prepare_output``) and again
+before it writes (``write_shards``), so a run that committed in between is never replaced.
 """
 from __future__ import annotations
 
@@ -506,9 +508,14 @@ def prepare_output(out: str | Path, overwrite: bool) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     with _exclusive(out):
         recover_output(out)
-        if not overwrite and any(not _ours(p) for p in out.iterdir()):
-            raise FileExistsError(f"--out {out} is not empty; pass --overwrite to replace its shards")
+        _refuse_unless_empty(out, overwrite)
     return out
+
+
+def _refuse_unless_empty(out: Path, overwrite: bool) -> None:
+    """Unless ``overwrite``: a ``FileExistsError`` when ``out`` holds anything but our own files."""
+    if not overwrite and any(not _ours(p) for p in out.iterdir()):
+        raise FileExistsError(f"--out {out} is not empty; pass --overwrite to replace its shards")
 
 
 def _commit(out: Path, staging: Path, manifest: Manifest) -> None:
@@ -580,12 +587,18 @@ class Summary:
 def write_shards(records: Iterable[Union[Record, Group, Rejected]], out: str | Path, *, shard_size: int = 1000,
                  workers: int = 0, opts: Optional[WriteOptions] = None, total: Optional[int] = None,
                  created_by: str = "", extra: Optional[dict] = None,
-                 progress: bool = True) -> tuple[Manifest, Summary]:
+                 progress: bool = True, overwrite: bool = True) -> tuple[Manifest, Summary]:
     """Encode ``records`` with ``workers`` processes, write them and swap them into ``out``; returns the
     manifest and the summary. ``records`` may also hold ``Rejected`` rows (counted and named, never
     encoded) and ``Group`` items. Raises ``WriteAborted`` (nothing committed, ``out`` unchanged) when the
     records iterator raises or writing fails. When no sample was written and ``out`` holds a set with
-    samples, that set is kept (``summary.committed`` is False and the returned manifest is empty)."""
+    samples, that set is kept (``summary.committed`` is False and the returned manifest is empty).
+
+    ``overwrite=False`` (``data_prep.shards`` without ``--overwrite``) checks again, under the folder's lock
+    and before anything is read or written, that ``out`` is still empty: another run may have committed a
+    set there since this run's ``prepare_output``; then the same ``FileExistsError`` is raised and ``out``
+    is left as that run made it. The default (True) replaces whatever set ``out`` holds, for callers that
+    write into a folder of their own (``data_prep.synth``)."""
     check_counts(shard_size, workers)
     opts = opts or WriteOptions()
     out = Path(out)
@@ -614,6 +627,7 @@ def write_shards(records: Iterable[Union[Record, Group, Rejected]], out: str | P
     try:
         with _exclusive(out):  # taken after the pool forked: workers never hold it
             recover_output(out)
+            _refuse_unless_empty(out, overwrite)  # a run that committed since prepare_output: keep its set
             staging.mkdir()
             try:
                 _write_all(jobs(), writer, summary, pool, total=total, desc=f"shards -> {out.name}",

@@ -20,6 +20,9 @@ Rules every reader follows (helpers below):
   label with the exception's type and message (quoted parts blanked: ``writer.exception_detail``):
   readers run each row through ``guard`` / ``each_row``, since a generator that raised cannot go on.
   What fails before the first row (the annotation unreadable, a wrong layout) stays a ``SourceError``.
+- Folders of files (dicom, nifti) are walked by ``walk_input``: a symlink that leaves ``--input`` is
+  ``outside_root`` (named ``entry N``), and nothing behind it is stat'ed, listed or opened, unless
+  ``--allow-outside-root``; links that stay inside are followed, a folder reached twice is read once.
 - Privacy: the formats that carry users' own data (pairs, imagefolder, dicom, nifti) make keys
   with a keyed hash of the path (``data_prep.keys.hashed_key``) and name failing rows by their
   annotation line or class and position only; no skip detail quotes a path (``load_file``). The
@@ -34,7 +37,9 @@ import csv
 import importlib
 import io
 import json
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -280,6 +285,105 @@ def resolve_inside(root, rel, opts) -> Path | None:
     """vlm.data.paths.resolve_inside with ``--allow-outside-root`` read from ``opts``."""
     return _resolve_inside(root, rel, getattr(opts, "allow_outside_root", False))
 
+
+
+def walk_input(root, opts) -> list[tuple[str, object]]:
+    """Every file under the folder ``root`` (dicom's and nifti's ``--input``) as ``(path under root, what)``,
+    sorted as ``Path`` objects sort; ``what`` is:
+
+    - a ``Path`` to read (for a symlink: its resolved target);
+    - None for a symlink that leaves ``root`` (to a file or a folder): checked with ``resolve_inside``
+      before its target is looked at, so nothing behind it is stat'ed, listed or opened; the reader counts
+      it ``outside_root``. With ``--allow-outside-root`` such links are followed as links inside are;
+    - a ``Rejected("error", "", why)`` for a folder that cannot be listed or an entry that cannot be
+      looked at (the system's reason only, no path).
+
+    Real folders are walked first, folder links after them, and a folder reached a second time (by a link to
+    a folder already read, a link loop) is not read again: files keep the path under ``root`` that names
+    them without links, so their keys do not depend on links beside them. Links to anything other than a
+    folder or a regular file, and dangling links, are left out, as other non-files are. Iterative: any depth.
+    """
+    from data_prep.writer import Rejected
+
+    root = Path(root)
+    found: list[tuple[str, object]] = []
+    seen: set[tuple[int, int]] = set()
+    links: list[tuple[str, Path, tuple[int, int]]] = []  # folder links, followed once every real folder is read
+
+    def failed(e: OSError) -> Rejected:
+        return Rejected("error", "", f"{type(e).__name__}: {e.strerror or 'cannot be read'}")
+
+    def walk(top_rel: str, top: Path) -> None:
+        stack = [(top_rel, top)]
+        while stack:
+            rel, folder = stack.pop()
+            try:
+                with os.scandir(folder) as it:
+                    entries = sorted(it, key=lambda e: e.name)
+            except OSError as e:
+                if folder is root:
+                    raise  # --input itself: the caller's SourceError
+                found.append((rel, failed(e)))
+                continue
+            for e in entries:
+                sub = f"{rel}/{e.name}" if rel else e.name
+                try:
+                    if e.is_symlink():  # resolved (inside, or allowed) before its target is looked at
+                        real = resolve_inside(root, sub, opts)
+                        if real is None:
+                            found.append((sub, None))
+                            continue
+                        try:
+                            st = os.stat(real)
+                        except OSError:  # dangling
+                            continue
+                        if stat.S_ISDIR(st.st_mode):
+                            links.append((sub, real, (st.st_dev, st.st_ino)))
+                        elif stat.S_ISREG(st.st_mode):
+                            found.append((sub, real))
+                    elif e.is_dir(follow_symlinks=False):
+                        st = e.stat(follow_symlinks=False)
+                        if (st.st_dev, st.st_ino) not in seen:
+                            seen.add((st.st_dev, st.st_ino))
+                            stack.append((sub, Path(e.path)))
+                    elif e.is_file(follow_symlinks=False):
+                        found.append((sub, Path(e.path)))
+                except OSError as err:
+                    found.append((sub, failed(err)))
+
+    st = os.stat(root)
+    seen.add((st.st_dev, st.st_ino))
+    walk("", root)
+    while links:  # each folder is read once, so this ends whatever the links form
+        sub, real, ident = links.pop(0)
+        if ident not in seen:
+            seen.add(ident)
+            walk(sub, real)
+    return sorted(found, key=lambda x: x[0].split("/"))
+
+
+def walked_files(root: Path, opts, wanted) -> tuple[list[tuple[str, Path]], list]:
+    """``--input`` of dicom/nifti -> ``([(path under root, path to read)], [Rejected])``: a single file as
+    given (its name), a folder through ``walk_input``, keeping the files for which ``wanted(name, path)``
+    holds; a link that leaves the folder is ``Rejected("outside_root", "entry N")`` and a folder or entry
+    that cannot be read ``Rejected("error", "entry N", why)``, ``N`` its position in the sorted walk."""
+    from data_prep.writer import Rejected
+
+    if not root.is_dir():
+        return ([(root.name, root)] if root.is_file() and wanted(root.name, root) else []), []
+    try:
+        entries = walk_input(root, opts)
+    except OSError as e:
+        raise SourceError(f"{root}: cannot list the folder ({e.strerror or type(e).__name__})") from None
+    files, refused = [], []
+    for n, (rel, what) in enumerate(entries, 1):
+        if what is None:
+            refused.append(Rejected("outside_root", f"entry {n}"))
+        elif isinstance(what, Rejected):
+            refused.append(Rejected(what.reason, f"entry {n}", what.detail))
+        elif wanted(rel.rsplit("/", 1)[-1], what):
+            files.append((rel, what))
+    return files, refused
 
 def _scrub(text: str, hide: tuple[str, ...]) -> str:
     for h in sorted(hide, key=len, reverse=True):

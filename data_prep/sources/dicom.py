@@ -16,6 +16,11 @@ and ``non_finite`` (a frame whose modality values are not finite, e.g. an infini
 are counted likewise. Skip details give an exception's type or our own words, never its message,
 which may quote the header.
 
+Files: --input is one file, or a folder walked recursively (``data_prep.sources.walk_input``): symlinks
+that stay inside it are followed (a folder reached twice is read once), one that leaves it is counted
+``outside_root`` as ``entry N`` (its position in the sorted walk) and nothing behind it is stat'ed or
+opened, unless --allow-outside-root; a sub-folder that cannot be listed is one ``error`` skip.
+
 Privacy: metadata comes only from ``data_prep.phi``'s allow-list. Sample keys are
 ``<source>-<keyed blake2b of the relative path>`` (``data_prep.keys.hashed_key``: the per-dataset
 secret lives in ``OUT/.key_secret`` or ``--key-secret``, never in the shards or the manifest), since
@@ -36,7 +41,7 @@ import numpy as np
 
 from data_prep.keys import hashed_key
 from data_prep.phi import safe_metadata
-from data_prep.sources import SourceError, check_key_secret
+from data_prep.sources import SourceError, check_key_secret, walked_files
 from data_prep.writer import Group, ImageRef, Pixels, Record, Rejected, SkipSample
 
 # transfer syntaxes whose pixel data is stored as is (implicit VR, explicit VR little/big endian) or deflated
@@ -217,8 +222,9 @@ def load_dicom_frame(path: str, frame: int, options: dict) -> Pixels:
     return px
 
 
-def _is_dicom(p: Path) -> bool:
-    if p.suffix.lower() in (".dcm", ".dicom"):
+def _is_dicom(name: str, p: Path) -> bool:
+    """``name`` (as listed under --input) ends in .dcm/.dicom, or the file ``p`` has the DICM preamble."""
+    if Path(name).suffix.lower() in (".dcm", ".dicom"):
         return True
     try:
         with open(p, "rb") as f:
@@ -227,11 +233,11 @@ def _is_dicom(p: Path) -> bool:
         return False
 
 
-def _file_item(f: Path, root: Path, i: int, total: int, source: str, opts, options: dict):
-    """One file -> a ``Group`` of its frames' records, or a ``Rejected`` (whatever is wrong with the file)."""
+def _file_item(f: Path, rel: str, i: int, total: int, source: str, opts, options: dict):
+    """One file (``rel`` under --input, read at ``f``) -> a ``Group`` of its frames' records, or a ``Rejected``
+    (whatever is wrong with the file)."""
     import pydicom
 
-    rel = str(f.relative_to(root)) if root.is_dir() else f.name
     base = hashed_key(source, rel, opts)
     label = f"file #{i + 1} of {total} (key {base})"
     try:
@@ -265,15 +271,16 @@ def read(opts):
     root = Path(opts.input)
     if not root.exists():
         raise SourceError(f"--input not found: {root}")
-    files = sorted(p for p in (root.rglob("*") if root.is_dir() else [root]) if p.is_file() and _is_dicom(p))
-    if not files:
+    files, refused = walked_files(root, opts, _is_dicom)
+    if not files and not refused:
         raise SourceError(f"no DICOM files under {root}")
     check_key_secret(opts)
     options = dicom_options(opts)
     source = opts.source_name or "dicom"
 
     def gen():
-        for i, f in enumerate(files):
-            yield _file_item(f, root, i, len(files), source, opts, options)
+        yield from refused
+        for i, (rel, f) in enumerate(files):
+            yield _file_item(f, rel, i, len(files), source, opts, options)
 
-    return gen(), len(files)
+    return gen(), len(refused) + len(files)

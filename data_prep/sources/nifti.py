@@ -18,6 +18,10 @@ Failures, one volume at a time: a file nibabel cannot read is one ``bad_nifti`` 
 the exception's type: nibabel's messages quote the path), ``not_a_volume`` and ``no_such_volume``
 likewise; a volume that fails to load in a worker skips each of its slices as ``bad_nifti``.
 
+Files: --input is one file, or a folder walked as the dicom reader walks it (``walk_input``): links
+that leave it are counted ``outside_root`` (``entry N``) without a look at their target, unless
+--allow-outside-root.
+
 Privacy: keys and the ``volume`` metadata field are keyed hashes of the relative path
 (``data_prep.keys.hashed_key``, as the dicom reader does): ``<source>-<hash>-<a|c|s><slice>``;
 the summary names a volume by its position and that hash.
@@ -30,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.keys import hashed_key
-from data_prep.sources import SourceError, check_key_secret
+from data_prep.sources import SourceError, check_key_secret, walked_files
 from data_prep.writer import ImageRef, Pixels, Record, Rejected, SkipSample
 
 AXES = {0: "sagittal", 1: "coronal", 2: "axial"}
@@ -118,17 +122,16 @@ def read(opts):
     root = Path(opts.input)
     if not root.exists():
         raise SourceError(f"--input not found: {root}")
-    files = sorted(p for p in (root.rglob("*") if root.is_dir() else [root])
-                   if p.is_file() and p.name.endswith((".nii", ".nii.gz")))
-    if not files:
+    files, refused = walked_files(root, opts, lambda name, _: name.endswith((".nii", ".nii.gz")))
+    if not files and not refused:
         raise SourceError(f"no .nii/.nii.gz files under {root}")
     check_key_secret(opts)
     dopts = dicom_options(opts)
     source = opts.source_name or "nifti"
 
     def gen():
-        for i, f in enumerate(files):
-            rel = str(f.relative_to(root)) if root.is_dir() else f.name
+        yield from refused
+        for i, (rel, f) in enumerate(files):
             vid = hashed_key(source, rel, opts)
             label = f"volume #{i + 1} of {len(files)} (key {vid})"
             try:

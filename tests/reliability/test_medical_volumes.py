@@ -6,8 +6,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 import struct
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -318,3 +320,116 @@ def test_unreadable_nifti_names_no_path(tmp_path, capsys, drill):
         vid = key_of(out, "nifti", f"{PATIENT}/{PATIENT}.nii.gz")
         assert s["offenders"]["bad_nifti"][0].startswith(f"volume #1 of 2 (key {vid}) (")
         assert "DOE" not in (out / "manifest.json").read_text() and "DOE" not in err
+
+
+# --- item 2: links that leave a dicom/nifti --input --------------------------------------------------------------
+
+_WATCHED: list[str] = []  # folders no run may list or open anything under (while set)
+_TOUCHED: list[str] = []
+
+
+def _audit(event: str, args: tuple) -> None:
+    if _WATCHED and event in ("open", "os.scandir", "os.listdir") and args and isinstance(args[0], (str, Path)):
+        path = os.path.realpath(os.fspath(args[0]))  # a link's target: the event names the link
+        if any(path == w or path.startswith(w + os.sep) for w in _WATCHED):
+            _TOUCHED.append(f"{event} {path}")
+
+
+sys.addaudithook(_audit)  # once per process; idle unless a test fills _WATCHED
+
+
+def _linked_input(tmp_path: Path, fmt: str) -> tuple[Path, Path]:
+    """INPUT with one file of ``fmt`` inside (``sub/in.<ext>``), a file link ``f.<ext>`` and a folder link ``d``
+    leaving it (to ELSEWHERE, which holds 1 + 1 files), a link loop inside (``sub/loop -> ..``) and a link to a
+    folder inside (``sub/again -> ../sub``); -> (INPUT, ELSEWHERE)."""
+    ext = ".dcm" if fmt == "dicom" else ".nii.gz"
+    src, other = tmp_path / "in", tmp_path / "elsewhere"
+
+    def make(path: Path, seed: int) -> None:
+        if fmt == "dicom":
+            make_dicom(path, seed=seed, rows=8, cols=8)
+        else:
+            _nifti(path, np.arange(8, dtype=np.float32).reshape(2, 2, 2) + seed)
+
+    make(src / "sub" / f"in{ext}", 0)
+    make(other / f"{PATIENT}{ext}", 1)
+    make(other / "folder" / f"x{ext}", 2)
+    (src / f"f{ext}").symlink_to(other / f"{PATIENT}{ext}")
+    (src / "d").symlink_to(other / "folder")
+    (src / "sub" / "loop").symlink_to("..")
+    (src / "sub" / "again").symlink_to("../sub")
+    return src, other
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("fmt", ["dicom", "nifti"])
+def test_links_leaving_the_input_are_outside_root(tmp_path, capsys, drill, fmt, workers):
+    src, other = _linked_input(tmp_path, fmt)
+    ext = ".dcm" if fmt == "dicom" else ".nii.gz"
+    per_file = 1 if fmt == "dicom" else 2  # a 2x2x2 volume: 2 axial slices
+    out = tmp_path / "out"
+    # the sorted walk: d, f<ext>, sub/in<ext> (the loop and sub/again lead back to folders read already)
+    with drill.hole(f"{fmt}: a file link and a folder link leaving --input, a link loop inside ({workers} workers)"):
+        _TOUCHED.clear()
+        _WATCHED.append(os.path.realpath(other))
+        try:
+            rc, err = run(capsys, "--format", fmt, "--input", src, "--out", out, workers=workers)
+        finally:
+            _WATCHED.clear()
+        assert rc == 0, err
+        assert _TOUCHED == []  # nothing behind the links was listed or opened
+        s = summary(out)
+        assert (s["read"], s["written"], s["skipped"]) == (2 + per_file, per_file, {"outside_root": 2})
+        assert s["offenders"] == {"outside_root": ["entry 1", "entry 2"]}
+        want = {key_of(out, fmt, f"sub/in{ext}")}
+        got = {k.rsplit("-", 1)[0] if fmt == "nifti" else k for k in samples(out)}
+        assert got == want
+        blob = (out / "manifest.json").read_text()
+        assert "DOE" not in blob and "elsewhere" not in blob and "DOE" not in err
+
+
+@pytest.mark.parametrize("fmt", ["dicom", "nifti"])
+def test_links_leaving_the_input_with_allow_outside_root(tmp_path, capsys, drill, fmt):
+    src, _ = _linked_input(tmp_path, fmt)
+    ext = ".dcm" if fmt == "dicom" else ".nii.gz"
+    per_file = 1 if fmt == "dicom" else 2
+    out = tmp_path / "out"
+    with drill.input(f"{fmt}: links leaving --input followed with --allow-outside-root, a link loop inside"):
+        rc, err = run(capsys, "--format", fmt, "--input", src, "--out", out, "--allow-outside-root")
+        assert rc == 0, err
+        s = summary(out)
+        assert (s["read"], s["written"], s["skipped"]) == (3 * per_file, 3 * per_file, {})
+        got = {k.rsplit("-", 1)[0] if fmt == "nifti" else k for k in samples(out)}
+        # keys of the files as walked: through the links' names, the file inside under its own path
+        assert got == {key_of(out, fmt, rel) for rel in (f"d/x{ext}", f"f{ext}", f"sub/in{ext}")}
+
+
+@pytest.mark.parametrize("fmt", ["dicom", "nifti"])
+def test_link_loops_inside_the_input_end(tmp_path, capsys, drill, fmt):
+    """Links that point back up (a -> .., b/c -> ../..) and at each other: the walk ends, every file read once."""
+    ext = ".dcm" if fmt == "dicom" else ".nii.gz"
+    src = tmp_path / "in"
+    for i, rel in enumerate((f"a/one{ext}", f"b/two{ext}")):
+        if fmt == "dicom":
+            make_dicom(src / rel, seed=i, rows=8, cols=8)
+        else:
+            _nifti(src / rel, np.arange(8, dtype=np.float32).reshape(2, 2, 2) + i)
+    (src / "a" / "up").symlink_to("..")
+    (src / "b" / "c").mkdir()
+    (src / "b" / "c" / "top").symlink_to("../..")
+    (src / "a" / "to_b").symlink_to("../b")
+    (src / "b" / "to_a").symlink_to("../a")
+    (src / "self").symlink_to("self")  # a link to itself: leaves nothing, names nothing
+    for allow in ((), ("--allow-outside-root",)):
+        out = tmp_path / f"out{len(allow)}"
+        with drill.input(f"{fmt}: link loops inside --input ({'with' if allow else 'without'} --allow-outside-root)"):
+            t0 = time.monotonic()
+            rc, err = run(capsys, "--format", fmt, "--input", src, "--out", out, *allow)
+            assert rc == 0, err
+            assert time.monotonic() - t0 < 30
+            s = summary(out)
+            n = 2 if fmt == "dicom" else 4
+            skipped = {} if allow else {"outside_root": 1}  # "self" resolves nowhere: refused, never followed
+            assert (s["read"], s["written"], s["skipped"]) == (n + len(skipped), n, skipped)
+            got = {k.rsplit("-", 1)[0] if fmt == "nifti" else k for k in samples(out)}
+            assert got == {key_of(out, fmt, rel) for rel in (f"a/one{ext}", f"b/two{ext}")}

@@ -237,6 +237,67 @@ def test_overwrite_that_writes_nothing_keeps_the_old_set(tmp_path, corpus, sets,
         assert info["bytes_lost"] == 0 and shard_set(out) == sets["old"] and leftovers(out) == []
 
 
+
+# --- item 5: a run without --overwrite never replaces a set committed after its start ----------------------------
+
+def _tagged(tag: str, n: int):
+    for i in range(n):
+        yield Record(f"{tag}-{i:03d}", [ImageRef(_pixels, (i + (100 if tag == "b" else 0),))], f"{tag} {i}",
+                     {"source": tag}, f"row {i}")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_run_committed_since_prepare_output_is_kept(tmp_path, drill, workers):
+    """Runs A and B (neither with --overwrite) both pass prepare_output on an empty folder; A commits first.
+    B must then refuse, under the lock, exactly as prepare_output would, and write nothing."""
+    out = tmp_path / "out"
+    refusal = f"--out {out} is not empty; pass --overwrite to replace its shards"
+    assert prepare_output(out, False) == out  # run A starts
+    assert prepare_output(out, False) == out  # run B starts: the folder is still empty
+    write_shards(_tagged("a", 6), out, shard_size=4, workers=workers, progress=False, overwrite=False)  # A commits
+    a_state, a_files = shard_set(out), set_files(out)
+    assert a_state[0] == 6 and len(a_state[1]) == 2
+    with drill.fault(f"two runs without --overwrite into one empty folder, the second commits last ({workers} "
+                     "workers)") as info:
+        with pytest.raises(FileExistsError) as e:
+            write_shards(_tagged("b", 3), out, shard_size=4, workers=workers, progress=False, overwrite=False)
+        assert str(e.value) == refusal
+        with pytest.raises(FileExistsError) as again:  # the same words as the check at the start
+            prepare_output(out, False)
+        assert str(again.value) == refusal
+        info["bytes_lost"] = bytes_lost(out, a_files)
+        assert info["bytes_lost"] == 0 and shard_set(out) == a_state and set_files(out) == a_files
+        assert keys(out) == {f"a-{i:03d}" for i in range(6)} and leftovers(out) == []
+        assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard-000000.tar", "shard-000001.tar"]
+    with drill.input(f"the second run with overwrite=True replaces that set ({workers} workers)"):
+        m, s = write_shards(_tagged("b", 3), out, shard_size=4, workers=workers, progress=False, overwrite=True)
+        assert (s.written, m.num_samples) == (3, 3) and shard_set(out)[0] == 3
+        assert keys(out) == {"b-000", "b-001", "b-002"} and leftovers(out) == []
+
+
+def test_cli_run_refuses_a_set_committed_since_its_start(tmp_path, capsys, drill, monkeypatch):
+    """data_prep.shards without --overwrite: another run commits between this run's prepare_output and its
+    write (injected right after prepare_output); this run exits 2 with prepare_output's message."""
+    from data_prep import shards as shards_mod
+
+    src = tmp_path / "in"
+    make_dicom(src / "a.dcm", frames=2, rows=8, cols=8)
+    out = tmp_path / "out"
+    real_prepare = shards_mod.prepare_output
+
+    def prepare_then_other_run_commits(path, overwrite):
+        got = real_prepare(path, overwrite)
+        write_shards(_tagged("a", 5), got, shard_size=2, progress=False)  # the other run, into an empty folder
+        return got
+
+    monkeypatch.setattr(shards_mod, "prepare_output", prepare_then_other_run_commits)
+    with drill.fault("data_prep.shards without --overwrite, another run committing into --out meanwhile") as info:
+        assert shards_main(argv(src, out)) == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"error: --out {out} is not empty; pass --overwrite to replace its shards"]
+        info["bytes_lost"] = 0 if keys(out) == {f"a-{i:03d}" for i in range(5)} else 1
+        assert info["bytes_lost"] == 0 and shard_set(out)[0] == 5 and leftovers(out) == []
+
 # --- item 7: a reader's generator that raises, loaders that raise ------------------------------------------------
 
 def _pixels(i: int) -> Pixels:
