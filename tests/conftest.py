@@ -79,7 +79,7 @@ def torchrun(nproc: int, args: list[str], env: dict, cwd=None, tries: int = 3):
     """``python -m torch.distributed.run --nproc_per_node N ARGS`` on a free port; tried again on a new
     port when another process took the port between choosing and binding it, and when a rank aborted in
     the C++ runtime's teardown ("terminate called without an active exception": a gloo thread still joinable
-    at interpreter exit, seen about once in a thousand launches on 2 cores, never before the work is done)."""
+    at interpreter exit; seen once, in a clean-clone CI run of the whole suite on 2 cores)."""
     import subprocess
     import sys
 
