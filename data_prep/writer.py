@@ -70,6 +70,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from vlm.data.schema import KEY_RE, MANIFEST, Manifest, ShardInfo, read_manifest, sha256_file
+from vlm.utils import fsync_path
 
 log = logging.getLogger(__name__)
 MAX_OFFENDERS = 5
@@ -427,14 +428,6 @@ def _fault_point(name: str) -> None:
 _FAULT_COUNTS: dict[str, int] = {}
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _is_shard_file(p: Path) -> bool:
     return p.name.startswith("shard-") and (p.is_file() or p.is_symlink())
 
@@ -475,7 +468,7 @@ def _roll_back(out: Path, old: Path) -> None:
             os.replace(p, out / p.name)
     if (old / MANIFEST).exists():
         os.replace(old / MANIFEST, out / MANIFEST)  # last: the set is complete again
-    _fsync_dir(out)
+    fsync_path(out)
 
 
 def recover_output(out: str | Path) -> None:
@@ -529,16 +522,16 @@ def _commit(out: Path, staging: Path, manifest: Manifest) -> None:
         if _is_shard_file(p):
             os.replace(p, old / p.name)
             _fault_point("old-shard-moved")
-    _fsync_dir(old)
+    fsync_path(old)
     (old / COMPLETE).touch()
-    _fsync_dir(old)
+    fsync_path(old)
     _fault_point("old-moved")
     for s in manifest.shards:
         os.replace(staging / s.name, out / s.name)
         _fault_point("new-shard-moved")
-    _fsync_dir(out)
+    fsync_path(out)
     os.replace(staging / MANIFEST, out / MANIFEST)  # the commit
-    _fsync_dir(out)
+    fsync_path(out)
     _fault_point("committed")
     shutil.rmtree(old, ignore_errors=True)  # past the commit nothing may fail the run
     shutil.rmtree(staging, ignore_errors=True)

@@ -32,7 +32,6 @@ files it reads. Checkpoints of earlier versions (no checksums.json) load unverif
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -48,6 +47,9 @@ from typing import Optional
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from vlm.data.schema import sha256_file
+from vlm.utils import atomic_write_text, fsync_path
 
 log = logging.getLogger(__name__)
 STEP_RE = re.compile(r"^step_(\d+)$")
@@ -179,19 +181,19 @@ def _complete(tmp: Path, final: Path, keep_last: int, ranks: int = 0) -> None:
     checkpoints."""
     for p in (tmp / "train_state.pt", tmp / "state.json", tmp / "model.safetensors", tmp / "ema.safetensors"):
         if p.exists():
-            _fsync(p)
+            fsync_path(p)
     if (tmp / "dcp").is_dir():
-        _fsync(tmp / "dcp")
+        fsync_path(tmp / "dcp")
     _write_checksums(tmp, ranks)
     with open(tmp / "COMPLETE", "w") as f:
         f.write(final.name.split("_")[-1])
         f.flush()
         os.fsync(f.fileno())
-    _fsync(tmp)  # the folder's entries
+    fsync_path(tmp)  # the folder's entries
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync(final.parent)  # the rename itself
+    fsync_path(final.parent)  # the rename itself
     for old in list_checkpoints(final.parent)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -227,40 +229,21 @@ def _unshared(state: dict) -> dict:
     return out
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file's (or a folder's entries') data to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_save_file(tensors: dict, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file(_unshared(tensors), tmp)
-    _fsync(tmp)
+    fsync_path(tmp)
     os.replace(tmp, path)
-    _fsync(path.parent)
+    fsync_path(path.parent)
 
 
 # -- integrity ---------------------------------------------------------------------------------------------
-def _digest(path: Path, chunk: int = 8 << 20) -> dict:
-    h, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-            size += len(block)
-    return {"size": size, "sha256": h.hexdigest()}
+def _digest(path: Path) -> dict:
+    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def _files(folder: Path) -> list[str]:
@@ -296,11 +279,12 @@ def _write_checksums(folder: Path, wait_ranks: int = 0, timeout: float = 600.0) 
             len(list((folder / "dcp").glob(f"{_RANK_SUMS}*.json"))) < wait_ranks:
         time.sleep(0.05)
     ranks: dict = {}
-    for p in sorted((folder / "dcp").glob(f"{_RANK_SUMS}*.json")) if (folder / "dcp").is_dir() else []:
+    rank_files = sorted((folder / "dcp").glob(f"{_RANK_SUMS}*.json"))  # none when there is no dcp/ folder
+    for p in rank_files:
         ranks.update({f"dcp/{k}": v for k, v in json.loads(p.read_text()).items()})
     files = {rel: ranks.get(rel) or _digest(folder / rel) for rel in _files(folder)}
     _write_json(folder / CHECKSUMS, {"algorithm": "sha256", "files": files})
-    for p in (folder / "dcp").glob(f"{_RANK_SUMS}*.json") if (folder / "dcp").is_dir() else []:
+    for p in rank_files:
         p.unlink()
 
 
@@ -341,7 +325,7 @@ def verify(path: str | Path, part: tuple[int, int] = (0, 1), only: Optional[set]
             return f"{p}: missing"
         if p.stat().st_size != want.get("size"):
             return f"{p}: {p.stat().st_size} bytes, {want.get('size')} when written (truncated or replaced)"
-        if _digest(p)["sha256"] != want.get("sha256"):
+        if sha256_file(p) != want.get("sha256"):
             return f"{p}: contents changed since it was written (checksum mismatch)"
     return None
 

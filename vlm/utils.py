@@ -49,6 +49,15 @@ def cli(main):
     return wrapper
 
 
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's data, or a folder's entries (a rename into it), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write to ``path.tmp`` then rename, so readers never see a half-written file."""
     path = Path(path)
