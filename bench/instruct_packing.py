@@ -3,6 +3,8 @@ same model, same examples, same loss, on the real length mix of ../shared/fixtur
 (short SLAKE VQA turns beside long IU X-Ray reports; copied in tests/fixtures).
 
     python bench/instruct_packing.py [--examples 1024] [--batch-size 16] [--report-share 0.3]
+    python bench/instruct_packing.py --vlm qwen2_vl     (a stock VLM family, tiny: packed rows with each
+                                                         conversation's own 3-D mRoPE positions vs padded)
 
 Peer: LLaVA-1.5's actual batching, `group_by_modality_length` at per-device batch 16 on 8 ranks: random
 megabatches of 16 x 8 = 128 conversations, sorted by length, split into 8 per-rank chunks of balanced total
@@ -80,6 +82,8 @@ def main(argv=None) -> int:
     p.add_argument("--vision", default=str(REPO / "runs/demo/clip"))
     p.add_argument("--tokenizer", default=str(REPO / "data/demo/tokenizer"))
     p.add_argument("--ranks", type=int, default=8, help="LLaVA's world size (megabatch = batch size x ranks)")
+    p.add_argument("--vlm", help="a stock VLM family of vlm.models.tiny_vlm (qwen2_vl, gemma3, ...) instead of the "
+                                 "LLaVA assembly: its processor, images of varied sizes, its packed positions")
     a = p.parse_args(argv)
     import torch
 
@@ -94,23 +98,46 @@ def main(argv=None) -> int:
     qs, ans = lengths["slake_en_train_question_chars"], lengths["slake_en_train_answer_chars"]
     reports = next(v for k, v in lengths.items() if "report" in k)
     rng = random.Random(0)
-    model_cfg = {"vision": a.vision, "tokenizer": a.tokenizer, "stage": 2,
-                 "llm_config": {"model_type": "llama", "hidden_size": a.llm_hidden,
-                                "intermediate_size": a.llm_hidden * 11 // 4, "num_hidden_layers": a.llm_layers,
-                                "num_attention_heads": a.llm_hidden // 32, "num_key_value_heads": a.llm_hidden // 64,
-                                "max_position_embeddings": 2048}}
-    model, tok = assistant_from_config(model_cfg)
-    freeze_for_stage(model, 2)
+    llm = {"hidden_size": a.llm_hidden, "intermediate_size": a.llm_hidden * 11 // 4, "num_hidden_layers": a.llm_layers,
+           "num_attention_heads": a.llm_hidden // 32, "num_key_value_heads": a.llm_hidden // 64}
     chat = ChatConfig(max_length=1024)
-    n_img = int(model.config.image_seq_length)
-    size = model.config.vision_config.image_size
     examples = []
-    for _ in range(a.examples):
-        answer = text_of(rng.choice(reports) if rng.random() < a.report_share else rng.choice(ans), rng)
-        conv = [{"from": "human", "value": "<image>\n" + text_of(rng.choice(qs), rng)}, {"from": "gpt", "value": answer}]
-        ids, labels = encode(normalize_conversation(conv, 1), tok, chat, n_img)
-        examples.append({"key": "x", "input_ids": ids[:1024], "labels": labels[:1024],
-                         "pixel_values": [torch.randn(3, size, size)]})
+    if a.vlm:
+        from PIL import Image
+
+        from vlm.data.stock_chat import StockCollate, encode_stock
+        from vlm.models.stock import freeze_parts
+        from vlm.models.tiny_vlm import build_tiny_vlm
+
+        model, processor = build_tiny_vlm(a.vlm, **llm, **({"head_dim": 32} if a.vlm == "gemma3" else {}))
+        freeze_parts(model, ["vision"])
+        tok = processor.tokenizer
+        for _ in range(a.examples):
+            answer = text_of(rng.choice(reports) if rng.random() < a.report_share else rng.choice(ans), rng)
+            msgs = [{"role": "user", "content": "<image>\n" + text_of(rng.choice(qs), rng)},
+                    {"role": "assistant", "content": answer}]
+            img = Image.new("RGB", (rng.choice((28, 42, 56)), rng.choice((28, 42, 56))), (rng.randrange(256), 90, 40))
+            examples.append({"key": "x", **encode_stock(msgs, [img], processor, chat)})
+
+        def collate(packing: bool, max_len: int, group_size: int = 0):
+            return StockCollate(packing, max_len, tok.pad_token_id, group_size)
+    else:
+        model_cfg = {"vision": a.vision, "tokenizer": a.tokenizer, "stage": 2,
+                     "llm_config": {"model_type": "llama", **llm, "max_position_embeddings": 2048}}
+        model, tok = assistant_from_config(model_cfg)
+        freeze_for_stage(model, 2)
+        n_img = int(model.config.image_seq_length)
+        size = model.config.vision_config.image_size
+        for _ in range(a.examples):
+            answer = text_of(rng.choice(reports) if rng.random() < a.report_share else rng.choice(ans), rng)
+            conv = [{"from": "human", "value": "<image>\n" + text_of(rng.choice(qs), rng)},
+                    {"from": "gpt", "value": answer}]
+            ids, labels = encode(normalize_conversation(conv, 1), tok, chat, n_img)
+            examples.append({"key": "x", "input_ids": ids[:1024], "labels": labels[:1024],
+                             "pixel_values": [torch.randn(3, size, size)]})
+
+        def collate(packing: bool, max_len: int, group_size: int = 0):
+            return InstructCollate(packing, max_len, tok.pad_token_id, group_size)
     longest = max(len(e["input_ids"]) for e in examples)
 
     def run(batches, tokens: int) -> float:
@@ -133,7 +160,12 @@ def main(argv=None) -> int:
         with torch.no_grad():
             for b in batches:
                 for g in b.get("groups", [b]):
-                    inputs = {k: g[k] for k in ("input_ids", "attention_mask", "position_ids", "pixel_values") if k in g}
+                    inputs = {k: v for k, v in g.items() if isinstance(v, torch.Tensor) and k != "labels"}
+                    if "seq_lens" in g:  # a stock VLM's packed rows: the positions the training step computes
+                        from vlm.data.stock_chat import packed_block_masks, packed_positions
+
+                        inputs["position_ids"] = packed_positions(model, g)
+                        inputs["attention_mask"] = packed_block_masks(model, g)
                     logits = model(**inputs, use_cache=False).logits[:, :-1].float()
                     labels = g["labels"][:, 1:]
                     total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
@@ -141,8 +173,8 @@ def main(argv=None) -> int:
                     n += int((labels != -100).sum())
         return total / n
 
-    padded = InstructCollate(False, 0, tok.pad_token_id)
-    packer = InstructCollate(True, max(a.row_tokens, longest), tok.pad_token_id)
+    padded = collate(False, 0)
+    packer = collate(True, max(a.row_tokens, longest))
     lens = [len(e["input_ids"]) for e in examples]
     llava = llava_rank_batches(lens, a.batch_size, a.ranks, rank=0)
     llava_batches = [padded([examples[j] for j in b]) for b in llava]
@@ -157,7 +189,7 @@ def main(argv=None) -> int:
     chunks = [[examples[j] for j in mine[i:i + a.batch_size]] for i in range(0, len(mine), a.batch_size)]
     pad_batches = [padded(c) for c in chunks]
     pad_slots = sum(b["input_ids"].numel() for b in pad_batches)
-    grouper = InstructCollate(False, 0, tok.pad_token_id, group_size=a.group_size)
+    grouper = collate(False, 0, group_size=a.group_size)
     group_batches = [grouper(c) for c in chunks]
     group_slots = sum(g["input_ids"].numel() for b in group_batches for g in b["groups"])
     real_tokens = llava_tokens
@@ -176,7 +208,7 @@ def main(argv=None) -> int:
           f"real), ours packed {ours:.0f} ({real_tokens / pack_slots:.0%} real): ratio {ours / random_pad:.3f}; "
           f"length-grouped padded {grouped:.0f} tokens/s ({real_tokens / group_slots:.0%} "
           f"real)", file=sys.stderr)
-    print(result_line("instruct_packing", ours, peer, unit="tokens/s", peer_sampler="llava group_by_modality_length",
+    print(result_line("instruct_packing" + (f"_{a.vlm}" if a.vlm else ""), ours, peer, unit="tokens/s", peer_sampler="llava group_by_modality_length",
                       ranks=a.ranks, batch_size=a.batch_size, padding_free_bound=round(bound, 3),
                       of_bound=round(ours / peer / bound, 3), peer_efficiency=round(llava_tokens / llava_slots, 3),
                       vs_random_padding={"ours": round(ours, 2), "peer": round(random_pad, 2),

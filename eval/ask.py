@@ -5,8 +5,8 @@ the check that an export is usable by someone who has never seen this repository
     python -m eval.ask --model runs/demo/exports/open_clip --image scan.png --labels "chest x-ray,head ct,fundus photo"
     python -m eval.ask --model runs/demo/exports/open_clip --image scan.png --prompts configs/prompts/synth_modality.yaml
 
-A transformers folder (config.json) is loaded with AutoModelForImageTextToText + AutoProcessor and
-answers greedily; an open_clip folder (open_clip_config.json) is loaded with
+A transformers folder (config.json) or hub id is loaded with AutoModelForImageTextToText + AutoProcessor
+and answers greedily; an open_clip folder (open_clip_config.json) is loaded with
 open_clip.create_model_from_pretrained('local-dir:...') and ranks the labels zero-shot
 (--template, default "an image of {}"), or the classes of a prompt-ensemble file (--prompts). Prints the answer; --out writes it as JSON.
 """
@@ -20,20 +20,23 @@ from pathlib import Path
 from vlm.utils import atomic_write_text, cli, setup_logging
 
 
-def ask_transformers(folder: Path, image, question: str, max_new_tokens: int) -> dict:
+def ask_transformers(folder, image, question: str, max_new_tokens: int) -> dict:
+    """Any stock VLM (folder or hub id): AutoModelForImageTextToText + AutoProcessor, the processor's chat
+    template (which writes BOS itself), greedy until the end of the assistant turn."""
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from vlm.remote_code import refuse_remote_code
+    from vlm.models.stock import load_stock_vlm, stop_token_ids
 
-    refuse_remote_code(folder, "model")
-    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=False).eval()
-    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=False)
+    model, processor = load_stock_vlm(folder)
+    model.eval()
+    if next(model.parameters()).dtype != torch.float32:
+        model.float()  # bf16 checkpoints on a CPU
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    prompt = processor.apply_chat_template(msgs, add_generation_prompt=True)
-    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    prompt = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    inputs = processor(images=[[image]], text=[prompt], add_special_tokens=False, return_tensors="pt")
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=stop_token_ids(model, processor))
     answer = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
     return {"kind": "transformers", "question": question, "answer": answer}
 
@@ -69,7 +72,8 @@ def ask_open_clip(folder: Path, image, prompts) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m eval.ask", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="an exported folder (train.export --to transformers|open_clip)")
+    p.add_argument("--model", required=True, help="an exported folder (train.export --to transformers|open_clip), or any "
+                                                  "stock VLM folder or hub id (Qwen2-VL, Gemma 3, llava-hf, ...)")
     p.add_argument("--image", required=True)
     p.add_argument("--question", help="for an assistant (transformers folder)")
     p.add_argument("--labels", help="comma-separated class names, for a CLIP (open_clip folder)")
@@ -80,6 +84,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     setup_logging()
     from PIL import Image
+
+    from vlm.models.stock import is_stock_source
 
     folder, image_path = Path(args.model), Path(args.image)
     if not image_path.is_file():
@@ -97,7 +103,7 @@ def main(argv=None) -> int:
         else:
             raise ValueError(f"{folder} is an open_clip model: pass --labels or --prompts")
         result = ask_open_clip(folder, image, prompts)
-    elif (folder / "config.json").is_file():
+    elif (folder / "config.json").is_file() or is_stock_source(args.model):
         if not args.question:
             raise ValueError(f"{folder} is a transformers model: pass --question")
         result = ask_transformers(folder, image, args.question, args.max_new_tokens)

@@ -52,6 +52,42 @@ def generate(model, tokenizer, requests: list[dict], batch_size: int = 16, max_n
     return out
 
 
+@torch.no_grad()
+def generate_stock(model, processor, prompts: list[str], images: list[list], batch_size: int = 16,
+                   max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                   seed: int = 0, device: Optional[torch.device] = None) -> list[str]:
+    """Batched generation for a stock VLM: ``prompts`` rendered by its processor's chat template (image
+    placeholders not expanded), ``images`` a list of PIL images per prompt. The processor expands the
+    placeholders and builds the image tensors of the whole batch; prompts are left-padded, and the model's
+    own ``generate`` derives positions from the attention mask (3-D mRoPE included), so a batch gives the
+    answers of one prompt at a time (tested per family)."""
+    from vlm.models.stock import stop_token_ids
+
+    device = device or next(model.parameters()).device
+    tok = processor.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    eos = stop_token_ids(model, processor)
+    dtype = next(model.parameters()).dtype
+    model.eval()
+    out: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        texts, imgs = prompts[start:start + batch_size], images[start:start + batch_size]
+        if any(imgs) and not all(imgs):
+            raise ValueError("a batch mixes requests with and without images; batch them separately")
+        inputs = processor(text=texts, images=imgs if any(imgs) else None, padding=True, padding_side="left",
+                           add_special_tokens=False, return_tensors="pt")
+        inputs = {k: (v.to(device, dtype=dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
+        kwargs = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "pad_token_id": pad,
+                  "eos_token_id": eos or None}
+        if do_sample:
+            kwargs.update(temperature=temperature, top_p=top_p)
+            torch.manual_seed(seed + start)
+        seqs = model.generate(**inputs, **kwargs)
+        width = inputs["input_ids"].shape[1]
+        out += [tok.decode(row, skip_special_tokens=True).strip() for row in seqs[:, width:]]
+    return out
+
+
 def init_distributed():
     """Generation under torchrun: each rank answers its share (answer_file); gloo on CPUs, NCCL on GPUs."""
     import datetime
@@ -74,6 +110,8 @@ def answer_with(checkpoint, assistant, items: list[tuple], out, id_key: str, bat
 
     d = init_distributed()
     model, tokenizer, image = assistant or load_assistant(checkpoint)
+    if d.device.type == "cpu" and next(model.parameters()).dtype in (torch.bfloat16, torch.float16):
+        model.float()  # bf16 checkpoints (stock VLMs are stored so) generate in fp32 on CPUs
     model.to(d.device)
     return answer_file(model, tokenizer, image, items, out, id_key, batch_size, max_new_tokens, desc), d.rank
 
@@ -106,6 +144,24 @@ def _pixels(image, transform) -> torch.Tensor:
         return transform.from_bytes(bytes(image))
     with open(image, "rb") as f:
         return transform.from_bytes(f.read())
+
+
+def _pil(image):
+    """An image path or bytes -> 8-bit RGB PIL image (16-bit scans scaled, not clipped)."""
+    from vlm.data.transforms import pil_rgb
+
+    if image is None:
+        raise ValueError("this item has no image")
+    if isinstance(image, (bytes, bytearray)):
+        return pil_rgb(bytes(image))
+    with open(image, "rb") as f:
+        return pil_rgb(f.read())
+
+
+def stock_prompt(processor, text: str) -> str:
+    """One image and the question, rendered by the processor's chat template with the generation prompt."""
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    return processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
 
 def _read_jsonl(path, id_key: str) -> dict[str, dict]:
@@ -146,21 +202,29 @@ def answer_file(model, tokenizer, image: dict, items: list[tuple], out, id_key: 
     for p in parts:
         done |= _read_jsonl(p, id_key)
     todo = [it for i, it in enumerate(items) if i % world == rank and str(it[0]) not in done]
-    transform = MedicalImageTransform(ImageConfig(size=image["size"], mean=image["mean"], std=image["std"]))
-    image_id = tokenizer.convert_tokens_to_ids(image["image_token"])
-    n_img = int(model.config.image_seq_length)
+    processor = image.get("processor")  # a stock VLM: its processor renders, expands and preprocesses
+    if processor is None:
+        transform = MedicalImageTransform(ImageConfig(size=image["size"], mean=image["mean"], std=image["std"]))
+        image_id = tokenizer.convert_tokens_to_ids(image["image_token"])
+        n_img = int(model.config.image_seq_length)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(part, "a") as f:
         for s in tqdm(range(0, len(todo), batch_size), desc=desc, unit="batch", disable=rank != 0):
             chunk = todo[s:s + batch_size]
-            requests = []
-            for qid, text, img in chunk:
-                msgs = [{"role": "user", "content": image["image_token"] + "\n" + text}]
-                prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-                ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-                ids = [t for t0 in ids for t in ([t0] * n_img if t0 == image_id else [t0])]
-                requests.append({"input_ids": ids, "pixel_values": _pixels(img, transform)})
-            answers = generate(model, tokenizer, requests, batch_size=len(requests), max_new_tokens=max_new_tokens)
+            if processor is not None:
+                prompts = [stock_prompt(processor, text) for _, text, _ in chunk]
+                answers = generate_stock(model, processor, prompts, [[_pil(img)] for _, _, img in chunk],
+                                         batch_size=len(chunk), max_new_tokens=max_new_tokens)
+            else:
+                requests = []
+                for qid, text, img in chunk:
+                    msgs = [{"role": "user", "content": image["image_token"] + "\n" + text}]
+                    prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+                    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+                    ids = [t for t0 in ids for t in ([t0] * n_img if t0 == image_id else [t0])]
+                    requests.append({"input_ids": ids, "pixel_values": _pixels(img, transform)})
+                answers = generate(model, tokenizer, requests, batch_size=len(requests),
+                                   max_new_tokens=max_new_tokens)
             for (qid, _, _), ans in zip(chunk, answers):
                 f.write(json.dumps({id_key: qid, "text": ans}) + "\n")
             f.flush()

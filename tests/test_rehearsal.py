@@ -16,9 +16,10 @@ from conftest import REPO, torchrun
 
 CONFIGS = sorted([*(REPO / "configs/clip").glob("*.yaml"), *(REPO / "configs/instruct").glob("*.yaml")])
 # `make test` rehearses one config per family (open_clip text tower; Hugging Face text tower with FSDP2, bf16,
-# EMA and concepts; stage 1; LoRA stage 2; full FSDP2 stage 2); `make test-all` every one of them
+# EMA and concepts; stage 1; LoRA stage 2; full FSDP2 stage 2; stock Qwen2.5-VL and Gemma 3 VLMs with LoRA);
+# `make test-all` every one of them
 PER_FAMILY = {"clip/demo.yaml", "clip/conceptclip.yaml", "instruct/demo_stage1.yaml", "instruct/llava_med_7b_lora.yaml",
-              "instruct/llava_med_7b_full.yaml"}
+              "instruct/llava_med_7b_full.yaml", "instruct/qwen2_5_vl_7b_lora.yaml", "instruct/medgemma_4b_lora.yaml"}
 
 
 def _param(path):
@@ -58,3 +59,8 @@ def test_shipped_config_rehearses(path, synth_dir, tmp_path):
         assert "config: all   model: all" in checks["LLM adapters"]["detail"]
         assert "config: none  model: none    changed after 2 steps: 0.0%" in checks["LLM"]["detail"]
         print("\n".join(r.stdout.splitlines()[-16:]))
+    if path.name in ("qwen2_5_vl_7b_lora.yaml", "medgemma_4b_lora.yaml"):  # stock VLM: its own parts, as configured
+        assert "config: none  model: none    changed after 2 steps: 0.0%" in checks["vision tower"]["detail"]
+        assert "config: all   model: all" in checks["projector"]["detail"]
+        assert "config: all   model: all" in checks["LLM adapters"]["detail"]
+        assert "config: none  model: none    changed after 2 steps: 0.0%" in checks["LLM"]["detail"]

@@ -160,9 +160,18 @@ LLM_LORA_TARGET = r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj
 
 @dataclass
 class AssistantModelConfig:
-    """Vision tower + projector + LLM (configs/instruct/*.yaml, model:)."""
+    """Vision tower + projector + LLM (configs/instruct/*.yaml, model:): the LLaVA assembly (vision + llm), or
+    a stock VLM (vlm: any AutoModelForImageTextToText checkpoint, tuned as it is)."""
 
-    vision: str = "???"  # a train.clip run/checkpoint/export folder, or a CLIP/SigLIP vision model id or folder
+    # a stock VLM (hub id or folder: Qwen2-VL/2.5-VL, Gemma 3 / MedGemma, llava-hf, Idefics3, ...); when set,
+    # vision/llm/tokenizer/projector/stage do not apply: the checkpoint is all of them, prompts are rendered
+    # and images preprocessed by its own processor
+    vlm: Optional[str] = None
+    freeze: list[str] = field(default_factory=lambda: ["vision"])  # stock VLM: parts kept frozen (vision,
+    #                                                                projector, llm; with lora.r > 0 the llm is)
+    processor: dict = field(default_factory=dict)  # stock VLM: image processor settings (min_pixels, max_pixels)
+    dtype: str = "auto"  # stock VLM: weights loaded as stored (auto), or float32 / bfloat16
+    vision: Optional[str] = None  # a train.clip run/checkpoint/export folder, or a CLIP/SigLIP vision model id or folder
     llm: Optional[str] = None  # a causal LM hub id or local folder ...
     llm_config: dict = field(default_factory=dict)  # ... or a config to build one from (tiny demo/test LLMs)
     tokenizer: Optional[str] = None  # default: the LLM's own
@@ -181,6 +190,17 @@ class AssistantModelConfig:
     def __post_init__(self):
         if self.stage not in (1, 2):
             raise ValueError(f"model.stage must be 1 or 2, got {self.stage}")
+        if self.vlm and (self.vision or self.llm or self.llm_config):
+            raise ValueError("model.vlm (a stock VLM) replaces model.vision / model.llm / model.llm_config: "
+                             "set either the stock checkpoint or the LLaVA assembly's parts")
+        if not self.vlm and list(self.freeze) != ["vision"]:
+            raise ValueError("model.freeze applies to a stock VLM (model.vlm); the LLaVA assembly trains by "
+                             "model.stage (1: projector; 2: projector + LLM) and model.train_vision")
+        bad = [f for f in self.freeze if f not in ("vision", "projector", "llm")]
+        if bad:
+            raise ValueError(f"model.freeze: unknown part(s) {bad}; parts are vision, projector, llm")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"model.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.vision_select not in ("default", "full"):
             raise ValueError("model.vision_select must be default or full")
         from vlm.models.vlm import projector_depth

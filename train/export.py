@@ -6,8 +6,16 @@
 (open_clip_config.json with preprocessing, open_clip_model.safetensors, tokenizer files, model
 card); load it with open_clip.create_model_from_pretrained('local-dir:OUT').
 --to transformers: a train.instruct checkpoint -> a transformers folder (LlavaForConditionalGeneration
-with LoRA merged, LlavaProcessor with the image preprocessing and chat template); load it with
-AutoModelForImageTextToText / AutoProcessor.from_pretrained(OUT).
+with LoRA merged, LlavaProcessor with the image preprocessing and chat template; a tuned stock VLM
+(model.vlm) as its own class and processor); load it with AutoModelForImageTextToText /
+AutoProcessor.from_pretrained(OUT).
+
+    python -m train.export --from llava_med llava-med-v1.5-mistral-7b --to transformers --out exports/llava-med-hf
+
+--from llava_med: a LLaVA-Med checkpoint folder (v1.5 llava_mistral, v1 llava, or LLaVA-1.5-style
+llava_llama) -> the same kind of stock transformers folder, with the chat template of LLaVA-Med's
+conversation mode (vlm/models/llava_med.py has the tensor mapping). --vision-tower supplies the CLIP vision
+model when the checkpoint holds none (default: its config's mm_vision_tower).
 """
 from __future__ import annotations
 
@@ -61,6 +69,8 @@ def export_assistant(args) -> Path:
     if "chat" not in state["config"]:
         raise ValueError(f"{p} is not a train.instruct checkpoint (use --to open_clip for a CLIP run)")
     cfg = _from_dict(InstructRunConfig, state["config"])
+    if cfg.model.vlm:
+        return export_stock_run(args, cfg, p, state)
     cfg.model.init_from = None
     model, tokenizer = build_assistant(cfg)
     load_weights_into(model, model_weights(p), str(p))
@@ -100,6 +110,28 @@ def export_assistant(args) -> Path:
     return out
 
 
+def export_stock_run(args, cfg, ckpt: Path, state: dict) -> Path:
+    """A train.instruct run of a stock VLM -> the same stock class + its processor (LoRA merged)."""
+    from dataclasses import asdict
+
+    from vlm.checkpoint import load_weights_into, model_weights
+    from vlm.models.stock import export_stock, stock_from_config
+
+    model, processor = stock_from_config(asdict(cfg.model))
+    load_weights_into(model, model_weights(ckpt), str(ckpt))
+    name = args.name or Path(args.out).name
+    card = (f"---\nlibrary_name: transformers\npipeline_tag: image-text-to-text\nbase_model: {cfg.model.vlm}\n"
+            f"tags: [medical]\n---\n\n# {name}\n\n{cfg.model.vlm} fine-tuned with this repository's train.instruct "
+            f"({state['step']} steps{', LoRA merged' if cfg.model.lora.r > 0 else ''}; frozen: "
+            f"{', '.join(cfg.model.freeze) or 'nothing'}). Load it with stock transformers:\n\n```python\n"
+            f"from transformers import AutoModelForImageTextToText, AutoProcessor\n"
+            f"model = AutoModelForImageTextToText.from_pretrained('PATH')\n"
+            f"processor = AutoProcessor.from_pretrained('PATH')\n```\n\nResearch use only; not a medical device.\n")
+    out = export_stock(model, processor, args.out, card)
+    log.info("transformers folder (%s) -> %s", type(model).__name__, out)
+    return out
+
+
 def _from_dict(cls, data: dict):
     from omegaconf import OmegaConf
 
@@ -110,16 +142,37 @@ def _from_dict(cls, data: dict):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a run folder or a checkpoint folder")
+    p.add_argument("src", nargs="?", metavar="SRC", help="the checkpoint to export (or --checkpoint)")
+    p.add_argument("--checkpoint", help="a run folder or a checkpoint folder (same as SRC)")
+    p.add_argument("--from", dest="source", choices=["ours", "llava_med"], default="ours",
+                   help="ours: a train.clip / train.instruct checkpoint; llava_med: a LLaVA-Med checkpoint folder")
     p.add_argument("--to", required=True, choices=["open_clip", "transformers"])
     p.add_argument("--out", required=True, help="output folder (replaced atomically)")
     p.add_argument("--push-to-hub", metavar="REPO", help="upload the folder to this Hugging Face repo")
     p.add_argument("--private", action="store_true")
     p.add_argument("--name", help="model name for the card (default: the output folder's name)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights")
+    p.add_argument("--vision-tower", metavar="DIR_OR_ID",
+                   help="--from llava_med: the CLIP vision model when the checkpoint has no vision tower weights "
+                        "(default: config.json's mm_vision_tower)")
+    p.add_argument("--conv-mode", choices=["mistral_instruct", "vicuna_v1", "simple"],
+                   help="--from llava_med: the prompt format (default: the one LLaVA-Med's eval uses for the layout)")
     args = p.parse_args(argv)
+    if (args.src is None) == (args.checkpoint is None):
+        p.error("give the checkpoint once: SRC or --checkpoint")
+    args.checkpoint = args.checkpoint or args.src
+    if args.source == "llava_med" and args.to != "transformers":
+        p.error("--from llava_med converts to --to transformers only")
+    if args.source == "ours" and (args.vision_tower or args.conv_mode):
+        p.error("--vision-tower and --conv-mode apply to --from llava_med")
     setup_logging()
-    out = export_clip(args) if args.to == "open_clip" else export_assistant(args)
+    if args.source == "llava_med":
+        from vlm.models.llava_med import convert_llava_med
+
+        out = convert_llava_med(args.checkpoint, args.out, vision_tower=args.vision_tower, conv_mode=args.conv_mode,
+                                name=args.name)
+    else:
+        out = export_clip(args) if args.to == "open_clip" else export_assistant(args)
     if args.push_to_hub:
         from vlm.hub import push_to_hub
 

@@ -54,6 +54,28 @@ class ConversationSample:
                 "pixel_values": [sample["image"], *sample["views"]]}
 
 
+class StockSample:
+    """sample_fn for a stock VLM (loader workers): PIL images + conversation -> the processor's tokens,
+    image tensors and labels (vlm/data/stock_chat.py), or a skip reason."""
+
+    def __init__(self, processor, chat):
+        self.processor, self.chat = processor, chat
+
+    def __call__(self, sample: dict):
+        from vlm.data.stock_chat import encode_stock
+
+        conv = sample["meta"].get("conversations")
+        if not conv:
+            return "no_conversation"
+        images = [sample["image"], *sample["views"]]
+        try:
+            msgs = normalize_conversation(conv, len(images), self.chat.image_token)
+            ex = encode_stock(msgs, images, self.processor, self.chat)
+        except SkipExample as e:
+            return e.reason
+        return {"key": sample["key"], **ex}
+
+
 class InstructCollate:
     """Examples -> a batch.
 
@@ -112,7 +134,15 @@ class InstructTask:
         n = n.clamp(min=1.0)
         total = torch.zeros((), device=device)
         for j, b in enumerate(batches):
-            inputs = {k: b[k].to(device) for k in ("input_ids", "attention_mask", "position_ids", "pixel_values") if k in b}
+            inputs = {k: v.to(device) for k, v in b.items() if isinstance(v, torch.Tensor) and k != "labels"}
+            if "seq_lens" in b:  # a stock VLM's packed rows: each conversation's own positions (3-D mRoPE too)
+                from train.distributed import unwrap
+                from vlm.data.stock_chat import packed_block_masks, packed_positions
+
+                inputs["position_ids"] = packed_positions(unwrap(model), b).to(device)
+                masks = packed_block_masks(unwrap(model), b)
+                if masks is not None:
+                    inputs["attention_mask"] = {k: m.to(device) for k, m in masks.items()}
             with ctx.no_sync(last=j == len(batches) - 1), ctx.autocast():
                 logits = model(**inputs, use_cache=False).logits
                 labels = b["labels"].to(device)
@@ -132,6 +162,26 @@ def enable_grad_checkpointing(model) -> None:
     model.model.language_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
+def build_stock(cfg: InstructRunConfig):
+    """A stock VLM and its processor, parts frozen as configured, LoRA on the LLM if asked."""
+    from dataclasses import asdict
+
+    from vlm.models.stock import llm_module, stock_from_config, trainable_by_part
+
+    if cfg.chat.template == "plain":
+        raise ValueError("chat.template=plain is LLaVA's stage-1 format; a stock VLM (model.vlm) is tuned with its "
+                         "processor's chat template (chat.template=auto)")
+    if cfg.model.init_from:
+        raise ValueError("model.init_from applies to the LLaVA assembly; to continue a stock VLM run use "
+                         "train.resume, or export it and name the export as model.vlm")
+    model, processor = stock_from_config(asdict(cfg.model))
+    if cfg.model.grad_checkpointing:
+        llm_module(model).gradient_checkpointing_enable({"use_reentrant": False})
+    log.info("stock VLM %s (%s): trainable parameters by part %s", cfg.model.vlm, type(model).__name__,
+             trainable_by_part(model))
+    return model, processor
+
+
 def build_assistant(cfg: InstructRunConfig):
     from dataclasses import asdict
 
@@ -139,6 +189,8 @@ def build_assistant(cfg: InstructRunConfig):
     from vlm.models.vlm import assistant_from_config, freeze_for_stage
 
     m = cfg.model
+    if not m.vision:
+        raise ValueError("model.vision (the LLaVA assembly's vision tower) or model.vlm (a stock VLM) is required")
     if not m.llm and not m.llm_config:
         raise ValueError("model.llm (a hub id or folder) or model.llm_config is required")
     model, tokenizer = assistant_from_config({**asdict(m), "lora": {}}, cfg.chat.image_token)
@@ -168,22 +220,39 @@ def build_assistant(cfg: InstructRunConfig):
 def build_run(cfg: InstructRunConfig, d) -> tuple[torch.nn.Module, dict]:
     """The assistant and everything else ``Trainer(model, **kwargs)`` needs for this config (also used by
     train.rehearse, which must run exactly what train.instruct runs)."""
-    model, tokenizer = build_assistant(cfg)
     cfg.data.require_text = cfg.chat.template == "plain"
-    sample_fn = ConversationSample(tokenizer, cfg.chat, int(model.config.image_seq_length))
-    collate = InstructCollate(cfg.packing, cfg.pack_length or cfg.chat.max_length, tokenizer.pad_token_id or 0,
-                              cfg.group_size)
-    loader = ShardLoader(cfg.data, rank=d.rank, world_size=d.world_size, sample_fn=sample_fn, collate_fn=collate)
-    scales = {"model.vision_tower.": cfg.model.vision_lr_scale} if cfg.model.train_vision else None
+    max_len = cfg.pack_length or cfg.chat.max_length
+    if cfg.model.vlm:
+        from vlm.data.stock_chat import StockCollate
+        from vlm.models.stock import decoder_layers, vlm_parts
+
+        model, processor = build_stock(cfg)
+        cfg.data.image.output = "pil"  # the processor resizes and normalises
+        pad = processor.tokenizer.pad_token_id
+        loader = ShardLoader(cfg.data, rank=d.rank, world_size=d.world_size, sample_fn=StockSample(processor, cfg.chat),
+                             collate_fn=StockCollate(cfg.packing, max_len, pad if pad is not None else 0,
+                                                     cfg.group_size))
+        parts = vlm_parts(model)  # the vision tower at its own rate; a projector inside it (Qwen2-VL's merger) not
+        scales = ({**{p: 1.0 for p in parts["projector"]}, parts["vision"][0]: cfg.model.vision_lr_scale}
+                  if "vision" not in cfg.model.freeze else None)
+        shard = decoder_layers(model)  # FSDP2: one unit per decoder layer / vision block (_no_split_modules)
+        saved = processor
+    else:
+        model, tokenizer = build_assistant(cfg)
+        sample_fn = ConversationSample(tokenizer, cfg.chat, int(model.config.image_seq_length))
+        collate = InstructCollate(cfg.packing, max_len, tokenizer.pad_token_id or 0, cfg.group_size)
+        loader = ShardLoader(cfg.data, rank=d.rank, world_size=d.world_size, sample_fn=sample_fn, collate_fn=collate)
+        scales = {"model.vision_tower.": cfg.model.vision_lr_scale} if cfg.model.train_vision else None
+        log.info("assistant: %d image tokens per image (stage %d)", model.config.image_seq_length, cfg.model.stage)
+        # FSDP2: one unit per LLM decoder layer
+        lm_layers = getattr(model.model.language_model, "layers", None)
+        shard = (type(lm_layers[0]),) if lm_layers is not None and len(lm_layers) else ()
+        saved = tokenizer
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("assistant: %.1fM parameters, %.2fM trainable (stage %d), %d image tokens per image",
-             sum(p.numel() for p in model.parameters()) / 1e6, n_train / 1e6, cfg.model.stage,
-             model.config.image_seq_length)
-    # FSDP2: one unit per LLM decoder layer
-    lm_layers = getattr(model.model.language_model, "layers", None)
-    shard = (type(lm_layers[0]),) if lm_layers is not None and len(lm_layers) else ()
+    log.info("assistant: %.1fM parameters, %.2fM trainable", sum(p.numel() for p in model.parameters()) / 1e6,
+             n_train / 1e6)
     return model, dict(task=InstructTask(), loader=loader, cfg=cfg.train, optim_cfg=cfg.optim, d=d, run_config=cfg,
-                       lr_scales=scales, shard_modules=shard, tokenizer=tokenizer)
+                       lr_scales=scales, shard_modules=shard, tokenizer=saved)
 
 
 @cli
@@ -204,7 +273,7 @@ def main(argv=None) -> int:
         elif d.is_main:
             from vlm.utils import atomic_write_text
 
-            tokenizer.save_pretrained(trainer.out / "tokenizer")
+            tokenizer.save_pretrained(trainer.out / ("processor" if cfg.model.vlm else "tokenizer"))
             atomic_write_text(trainer.out / "result.json", json.dumps(
                 {"step": result["step"], "final_metrics": result["metrics"], "skipped": kwargs["loader"].skipped},
                 indent=1))

@@ -38,6 +38,12 @@ HUB_FAMILIES = [(r"^mistralai/", "mistral"), (r"^meta-llama/Llama-2", "llama2"),
                 (r"^Qwen/", "qwen2"), (r"^google/(med)?gemma", "gemma"), (r"^microsoft/Phi-3", "phi3")]
 
 
+# Stock VLM hub ids -> vlm.models.tiny_vlm family, when the id's config.json is not local or cached
+HUB_VLM_FAMILIES = [(r"^Qwen/Qwen2\.5-VL", "qwen2_5_vl"), (r"^Qwen/Qwen2-VL", "qwen2_vl"),
+                    (r"^google/(medgemma|gemma-3)", "gemma3"), (r"^llava-hf/(llava-v1\.6|llava-next)", "llava_next"),
+                    (r"^llava-hf/", "llava"), (r"^(HuggingFaceM4/Idefics3|HuggingFaceTB/SmolVLM)", "idefics3")]
+
+
 @dataclass
 class Rehearsal:
     kind: str  # clip | instruct
@@ -51,7 +57,7 @@ def config_kind(path: str | Path) -> str:
 
     raw = _read_yaml(Path(path))
     model = raw.get("model") or {}
-    return "instruct" if "chat" in raw or "vision" in model or "llm" in model else "clip"
+    return "instruct" if "chat" in raw or "vision" in model or "llm" in model or "vlm" in model else "clip"
 
 
 # -- shrinking ---------------------------------------------------------------------------------------------
@@ -268,6 +274,27 @@ def tiny_vision(source: str, image_size: int, folder: Path, notes: list[str]) ->
     return folder
 
 
+def tiny_vlm_folder(source: str, folder: Path, family_override: Optional[str], notes: list[str]) -> Path:
+    """A tiny stock VLM of ``source``'s family (vlm.models.tiny_vlm), saved in bf16 as hub VLMs are stored."""
+    from vlm.models.tiny_vlm import FAMILIES, save_tiny_vlm
+
+    refuse_remote_code(source, "model")
+    cached = _cached_file(source, "config.json")
+    if family_override:
+        fam, how = family_override, "--llm-family"
+    elif cached:
+        fam, how = json.loads(cached.read_text()).get("model_type"), "its own config.json"
+    else:
+        fam, how = next((f for rx, f in HUB_VLM_FAMILIES if re.search(rx, source)), None), "the hub-id table"
+    if fam not in FAMILIES:
+        raise ValueError(f"model.vlm={source}: no tiny stand-in for its family ({fam or 'unknown'}); give "
+                         f"--llm-family one of {', '.join(FAMILIES)}")
+    save_tiny_vlm(folder, fam, dtype="bfloat16")
+    notes.append(f"model.vlm: {source} -> a 2x64 {fam} (its image processor and a {fam}-shaped template, stored "
+                 f"bf16; family from {how})")
+    return folder
+
+
 def shrink_instruct(cfg, work: Path, synthetic: Optional[str], family_override: Optional[str]) -> Rehearsal:
     from vlm.checkpoint import save as save_checkpoint
     from vlm.models.tiny import train_tokenizer
@@ -278,6 +305,10 @@ def shrink_instruct(cfg, work: Path, synthetic: Optional[str], family_override: 
         raise ValueError(f"model.llm_quantize={m.llm_quantize} (QLoRA) needs bitsandbytes on a CUDA GPU: rehearse "
                          "this config on a GPU machine")
     _data(cfg, "pretrain" if cfg.chat.template == "plain" else "instruct", synthetic, notes)
+    if m.vlm:
+        m.vlm = str(tiny_vlm_folder(m.vlm, work / "vlm", family_override, notes))
+        m.attn_impl = _gpu_kernels(m.attn_impl, "flash_attn", notes, "model.attn_impl")
+        return Rehearsal("instruct", cfg, notes)
     m.vision = str(tiny_vision(m.vision, cfg.data.image.size, work / "vision", notes))
     if m.llm:
         m.llm = str(tiny_llm_folder(m.llm, work / "llm", family_override, notes))
@@ -354,6 +385,29 @@ def expected_instruct(cfg, present: set[str]) -> dict[str, str]:
     return {g: v for g, v in exp.items() if g in present or v != "none"}
 
 
+def stock_groups(model):
+    """group_of for a stock VLM: its parts as vlm.models.stock finds them, adapters apart."""
+    from vlm.models.stock import part_of, vlm_parts
+
+    parts = vlm_parts(model)
+    names = {"vision": "vision tower", "projector": "projector", "llm": "LLM"}
+    return lambda n: "LLM adapters" if ADAPTER.search(n) else names[part_of(n, parts)]
+
+
+def expected_stock(cfg, actual: dict[str, str]) -> dict[str, str]:
+    """As expected_instruct; a trained vision tower may be 'some' (layers after the one the model reads and
+    pooling heads are frozen: vlm.models.stock.unused_vision_params) or 'all'."""
+    m = cfg.model
+    lora = m.lora.r > 0
+    vision = actual.get("vision tower") if actual.get("vision tower") in ("some", "all") else "all"
+    present = set(actual)
+    exp = {"vision tower": "none" if "vision" in m.freeze else vision, "projector": "none" if "projector" in m.freeze
+           else "all", "LLM": "none" if lora or "llm" in m.freeze else "all"}
+    if lora:
+        exp["LLM adapters"] = "all"
+    return {g: v for g, v in exp.items() if g in present or v != "none"}
+
+
 def trainable_groups(model, group_of) -> dict[str, str]:
     seen: dict[str, set] = {}
     for n, p in model.named_parameters():
@@ -425,8 +479,10 @@ def run(r: Rehearsal, d, steps: int = 2, max_skipped: float = 0.5) -> list[Check
     checks: list[Check] = []
 
     model, kwargs = _build(r, d)
+    if r.kind == "instruct" and r.cfg.model.vlm:
+        group_of = stock_groups(model)
     actual = trainable_groups(model, group_of)
-    want = expected(r.cfg, set(actual))
+    want = expected_stock(r.cfg, actual) if r.kind == "instruct" and r.cfg.model.vlm else expected(r.cfg, set(actual))
     before = {k: v.detach().cpu().clone() for k, v in model.named_parameters()} if d.is_main else {}
     trainer = Trainer(model, **kwargs)
     res = trainer.fit()

@@ -106,43 +106,68 @@ def encode(messages: list[dict], tokenizer, cfg: ChatConfig, image_seq_len: int)
     else:
         if cfg.system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": cfg.system_prompt}] + messages
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
-        spans, cursor = [], 0
-        for k, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            # where the template starts this answer: the rendered prefix with a generation prompt
-            # (searching the whole text could match inside a header, e.g. the 'a' of 'assistant')
-            prefix = tokenizer.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True)
-            start = len(prefix) if text.startswith(prefix) else cursor
-            content = m["content"].strip()
-            at = text.find(content, max(start, cursor))
-            if at < 0 or (text.startswith(prefix) and text[start:at].strip()):
-                raise SkipExample("masking_failed", "assistant content not found where the template puts it")
-            spans.append((at, at + len(content)))
-            cursor = at + len(content)
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = enc["input_ids"], enc["offset_mapping"]
-        special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}  # an unknown character ends no turn
-        labels = [IGNORE] * len(ids)
-        for s, e in spans:
-            # every token carrying a character of the answer: SentencePiece-style tokens ('▁Yes') start at
-            # the space before the word, so a token need only overlap the answer, not lie inside it
-            inside = [i for i, (a, b) in enumerate(offsets) if b > a and a < e and b > s]
-            if not inside:
-                raise SkipExample("masking_failed", "an assistant turn has no token of its own")
-            for i in inside:
-                labels[i] = ids[i]
-            # the template's end-of-turn token teaches the model to stop; whitespace the template puts
-            # before it (Llama-2's 'answer </s>') is part of what the model must produce to get there
-            j, gap = inside[-1] + 1, []
-            while j < len(ids) and ids[j] not in special and not text[offsets[j][0]:offsets[j][1]].strip():
-                gap.append(j)
-                j += 1
-            if j < len(ids) and ids[j] in special:
-                for i in (*gap, j):
-                    labels[i] = ids[i]
+
+        def render(msgs, generation_prompt):
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+
+        text, spans = assistant_spans(messages, render)
+        ids, labels = label_tokens(text, spans, tokenizer)
     return expand_images(ids, labels, image_id, image_seq_len)
+
+
+def assistant_spans(messages: list[dict], render) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character span of each assistant answer in it.
+
+    ``render(messages, add_generation_prompt) -> text`` is the template (a tokenizer's or a processor's)."""
+    text = render(messages, False)
+    spans, cursor = [], 0
+    for k, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        # where the template starts this answer: the rendered prefix with a generation prompt
+        # (searching the whole text could match inside a header, e.g. the 'a' of 'assistant')
+        prefix = render(messages[:k], True)
+        start = len(prefix) if text.startswith(prefix) else cursor
+        content = message_text(m).strip()
+        at = text.find(content, max(start, cursor))
+        if at < 0 or (text.startswith(prefix) and text[start:at].strip()):
+            raise SkipExample("masking_failed", "assistant content not found where the template puts it")
+        spans.append((at, at + len(content)))
+        cursor = at + len(content)
+    return text, spans
+
+
+def message_text(m: dict) -> str:
+    """A message's text: its content string, or the text items of a content list."""
+    c = m["content"]
+    return c if isinstance(c, str) else "".join(i.get("text", "") for i in c if i.get("type") == "text")
+
+
+def label_tokens(text: str, spans: list[tuple[int, int]], tokenizer) -> tuple[list[int], list[int]]:
+    """Tokenise ``text`` once with character offsets; the tokens of each answer span and the end-of-turn
+    token after it are labels, everything else IGNORE."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}  # an unknown character ends no turn
+    labels = [IGNORE] * len(ids)
+    for s, e in spans:
+        # every token carrying a character of the answer: SentencePiece-style tokens ('▁Yes') start at
+        # the space before the word, so a token need only overlap the answer, not lie inside it
+        inside = [i for i, (a, b) in enumerate(offsets) if b > a and a < e and b > s]
+        if not inside:
+            raise SkipExample("masking_failed", "an assistant turn has no token of its own")
+        for i in inside:
+            labels[i] = ids[i]
+        # the template's end-of-turn token teaches the model to stop; whitespace the template puts
+        # before it (Llama-2's 'answer </s>') is part of what the model must produce to get there
+        j, gap = inside[-1] + 1, []
+        while j < len(ids) and ids[j] not in special and not text[offsets[j][0]:offsets[j][1]].strip():
+            gap.append(j)
+            j += 1
+        if j < len(ids) and ids[j] in special:
+            for i in (*gap, j):
+                labels[i] = ids[i]
+    return ids, labels
 
 
 def expand_images(ids: list[int], labels: list[int], image_id: int, n: int) -> tuple[list[int], list[int]]:

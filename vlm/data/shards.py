@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from vlm.data import position as P
 from vlm.data.position import Mixer, PositionError, ResampleReader, ShareReader, ShuffleBuffer
 from vlm.data.schema import IMAGE_EXTS, ManifestError, read_manifest, sha256_file
-from vlm.data.transforms import ImageConfig, MedicalImageTransform
+from vlm.data.transforms import ImageConfig, MedicalImageTransform, PILImages
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,8 @@ def default_collate(samples: list[dict], tokenize: Optional[Callable] = None,
     """``images``: the batch tensor the samples were decoded into (no stacking needed)."""
     batch = {
         "keys": [s["key"] for s in samples],
-        "images": images if images is not None else torch.stack([s["image"] for s in samples]),
+        "images": images if images is not None else torch.stack([s["image"] for s in samples])
+        if isinstance(samples[0]["image"], torch.Tensor) else [s["image"] for s in samples],  # image.output: pil
         "texts": [s["text"] for s in samples],
         "meta": [s["meta"] for s in samples],
     }
@@ -239,7 +240,7 @@ class ShardStream(IterableDataset):
             raise ValueError("data.sources is empty: name at least one shard folder")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.tokenize, self.sample_fn, self.collate_fn = tokenize, sample_fn, collate_fn
-        self.transform = MedicalImageTransform(cfg.image)
+        self.transform = PILImages(cfg.image) if cfg.image.output == "pil" else MedicalImageTransform(cfg.image)
         self.sources = []  # Manifest per source
         for src in cfg.sources:
             try:
@@ -361,7 +362,8 @@ class ShardStream(IterableDataset):
         told = (skip or raw, saved)  # what the consumer knows of this worker: raw count, skip counts
         in_row, row_reasons, row_sources = 0, Counter(), Counter()  # the current run of consecutive skips
         batch, size = [], cfg.image.size
-        buf = torch.zeros(cfg.batch_size, 3, size, size)
+        pil = cfg.image.output == "pil"  # PIL images for a processor: no batch tensor to decode into
+        buf = torch.zeros(cfg.batch_size if not pil else 0, 3, size, size)
         samples, where = self._pipeline(gw, total, counts, plan, pos)
         for src, key, parts, _ in samples:
             raw += 1
@@ -374,11 +376,12 @@ class ShardStream(IterableDataset):
                 counts.update(saved)
             if stop is not None and stop.is_set():  # the consumer has gone: do not look any further
                 return
-            sample = decode_sample(key, parts, self.transform, cfg, buf[len(batch)])
+            sample = decode_sample(key, parts, self.transform, cfg, None if pil else buf[len(batch)])
             if isinstance(sample, dict) and self.sample_fn is not None:
                 sample = self.sample_fn(sample)
             if not isinstance(sample, dict):
-                buf[len(batch)].zero_()  # the slot is reused: no stale pixels in its padding
+                if not pil:
+                    buf[len(batch)].zero_()  # the slot is reused: no stale pixels in its padding
                 reason = sample if isinstance(sample, str) else "rejected"
                 counts[reason] += 1
                 if counts[reason] <= 3:
@@ -402,7 +405,7 @@ class ShardStream(IterableDataset):
                 told = (raw, out["__counts__"])
                 yield out
                 batch, emitted = [], emitted + 1
-                buf = torch.zeros(cfg.batch_size, 3, size, size)
+                buf = torch.zeros(cfg.batch_size if not pil else 0, 3, size, size)
                 if limit is not None and emitted >= limit:
                     return
         if skip and raw <= skip:  # nothing after the resume point: the consumer's counts stand
@@ -418,7 +421,7 @@ class ShardStream(IterableDataset):
         if self.collate_fn:
             out = self.collate_fn(samples)
         else:  # the samples were decoded into buf, unless a sample_fn may have replaced their images
-            images = buf[:len(samples)] if self.sample_fn is None else None
+            images = buf[:len(samples)] if self.sample_fn is None and len(buf) else None
             out = default_collate(samples, self.tokenize, images)
         return self._tag(out, logical, raw, counts, pos)
 

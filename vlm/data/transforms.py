@@ -33,6 +33,9 @@ class ImageConfig:
     std: list[float] = field(default_factory=lambda: list(CLIP_STD))
     pad_to_square: bool = True  # False: resize to size x size, ignoring aspect ratio
     max_pixels: int = 64_000_000  # images above this are rejected before decoding
+    # tensor: (3, size, size) normalised (our models) | pil: 8-bit RGB PIL images, for a stock VLM's
+    # processor, which resizes and normalises itself (size, mean, std and pad_to_square then do not apply)
+    output: str = "tensor"
 
     def __post_init__(self):
         if self.size < 8:
@@ -41,6 +44,8 @@ class ImageConfig:
             raise ValueError("image.mean and image.std must have 3 values")
         if any(s <= 0 for s in self.std):
             raise ValueError("image.std values must be > 0")
+        if self.output not in ("tensor", "pil"):
+            raise ValueError(f"image.output must be tensor or pil, got {self.output!r}")
 
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
@@ -79,6 +84,27 @@ def decode_image(data: bytes, max_pixels: int = 64_000_000, target: int | None =
         t = t[None] if t.ndim == 2 else t.permute(2, 0, 1)
         t = t.float().div_(255.0)
     return t.clamp_(0.0, 1.0)
+
+
+def pil_rgb(data: bytes, max_pixels: int = 64_000_000) -> Image.Image:
+    """Encoded image -> 8-bit RGB PIL image (what VLM processors take). 16-bit and float images are
+    scaled to their full range first (decode_image), never clipped at 255."""
+    img = open_image(data, max_pixels)
+    if img.mode in ("L", "RGB", "P", "RGBA", "LA", "CMYK", "YCbCr"):
+        return img.convert("RGB")
+    t = decode_image(data, max_pixels)
+    arr = (t.expand(3, -1, -1).permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
+    return Image.fromarray(arr, "RGB")
+
+
+class PILImages:
+    """The transform of ``image.output: pil``: bytes -> 8-bit RGB PIL image (picklable, for loader workers)."""
+
+    def __init__(self, cfg: ImageConfig):
+        self.max_pixels = cfg.max_pixels
+
+    def from_bytes(self, data: bytes, out=None) -> Image.Image:
+        return pil_rgb(data, self.max_pixels)
 
 
 class MedicalImageTransform:

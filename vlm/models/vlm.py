@@ -304,12 +304,15 @@ def add_image_token(tokenizer, image_token: str = "<image>") -> bool:
 
 
 def load_assistant(path: str | Path):
-    """A trained assistant for inference: a transformers export folder, or a train.instruct run /
-    checkpoint folder (LoRA merged). -> (model in eval mode, tokenizer, image settings dict)."""
+    """A trained assistant for inference: a train.instruct run / checkpoint folder (LoRA merged; the LLaVA
+    assembly or a tuned stock VLM), or any stock VLM folder / hub id (AutoModelForImageTextToText +
+    AutoProcessor, our transformers exports included).
+    -> (model in eval mode, tokenizer, image settings dict; with "processor" for a stock VLM)."""
     import json
 
     from vlm.checkpoint import list_checkpoints, load_weights_into, model_weights
     from vlm.models.lora import merge_lora
+    from vlm.models.stock import is_stock_source, load_stock_vlm, stock_from_config
 
     p = Path(path)
     if (p / "checkpoints").is_dir():
@@ -321,22 +324,18 @@ def load_assistant(path: str | Path):
         cfg = json.loads((p / "state.json").read_text())["config"]
         if "chat" not in cfg:
             raise ValueError(f"{p} is not a train.instruct checkpoint")
+        if cfg["model"].get("vlm"):
+            model, processor = stock_from_config(cfg["model"])
+            load_weights_into(model, model_weights(p), str(p))
+            merge_lora(model)
+            return model.eval(), processor.tokenizer, {"processor": processor}
         model, tokenizer = assistant_from_config(cfg["model"], cfg["chat"].get("image_token", "<image>"))
         load_weights_into(model, model_weights(p), str(p))
         merge_lora(model)
         image = cfg["data"]["image"]
         return model.eval(), tokenizer, {"size": image["size"], "mean": image["mean"], "std": image["std"],
                                          "image_token": cfg["chat"].get("image_token", "<image>")}
-    if (p / "config.json").is_file():
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        from vlm.remote_code import refuse_remote_code
-
-        refuse_remote_code(p, "model")
-        model = AutoModelForImageTextToText.from_pretrained(p, trust_remote_code=False).eval()
-        processor = AutoProcessor.from_pretrained(p, trust_remote_code=False)
-        ip = processor.image_processor
-        size = ip.crop_size["height"] if getattr(ip, "crop_size", None) else ip.size.get("shortest_edge")
-        return model, processor.tokenizer, {"size": size, "mean": list(ip.image_mean), "std": list(ip.image_std),
-                                            "image_token": getattr(processor, "image_token", "<image>")}
-    raise ValueError(f"{p}: neither a train.instruct checkpoint nor a transformers folder")
+    if is_stock_source(path):
+        model, processor = load_stock_vlm(path)
+        return model.eval(), processor.tokenizer, {"processor": processor}
+    raise ValueError(f"{p}: neither a train.instruct checkpoint nor a transformers folder or hub id")
