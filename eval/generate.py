@@ -102,14 +102,32 @@ def init_distributed():
     return d
 
 
+def processor_settings(pairs: Optional[list[str]]) -> dict:
+    """``--processor KEY=VALUE`` arguments -> image processor settings (numbers parsed, e.g.
+    ``--processor max_pixels=1003520`` for Qwen2-VL's dynamic resolution)."""
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--processor takes KEY=VALUE, got {pair!r}")
+        try:
+            import json
+
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
 def answer_with(checkpoint, assistant, items: list[tuple], out, id_key: str, batch_size: int,
-                max_new_tokens: int, desc: str) -> tuple[int, int]:
+                max_new_tokens: int, desc: str, processor: Optional[dict] = None) -> tuple[int, int]:
     """The generate commands' shared path: join torchrun's ranks (if any), load the assistant unless one
-    is given (eval.suite loads it once), and answer ``items`` with ``answer_file``. -> (generated now, rank)."""
+    is given (eval.suite loads it once), and answer ``items`` with ``answer_file``. ``processor``: image
+    processor settings for a stock VLM. -> (generated now, rank)."""
     from vlm.models.vlm import load_assistant
 
     d = init_distributed()
-    model, tokenizer, image = assistant or load_assistant(checkpoint)
+    model, tokenizer, image = assistant or load_assistant(checkpoint, processor)
     if d.device.type == "cpu" and next(model.parameters()).dtype in (torch.bfloat16, torch.float16):
         model.float()  # bf16 checkpoints (stock VLMs are stored so) generate in fp32 on CPUs
     model.to(d.device)
@@ -213,8 +231,18 @@ def answer_file(model, tokenizer, image: dict, items: list[tuple], out, id_key: 
             chunk = todo[s:s + batch_size]
             if processor is not None:
                 prompts = [stock_prompt(processor, text) for _, text, _ in chunk]
-                answers = generate_stock(model, processor, prompts, [[_pil(img)] for _, _, img in chunk],
-                                         batch_size=len(chunk), max_new_tokens=max_new_tokens)
+                images = [[_pil(img)] for _, _, img in chunk]
+                try:
+                    answers = generate_stock(model, processor, prompts, images, batch_size=len(chunk),
+                                             max_new_tokens=max_new_tokens)
+                except (ValueError, RuntimeError, TypeError):
+                    for (qid, _, _), imgs in zip(chunk, images):  # a refused image names its question
+                        try:
+                            processor.image_processor(images=imgs, return_tensors="pt")
+                        except (ValueError, RuntimeError, TypeError) as e:
+                            raise ValueError(f"{id_key} {qid}: the model's image processor refused its image: "
+                                             f"{e}") from None
+                    raise
             else:
                 requests = []
                 for qid, text, img in chunk:

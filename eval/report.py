@@ -73,14 +73,14 @@ def score(args) -> dict:
 
 def generate_reports(args, assistant=None) -> int:
     """One report per study from its first (frontal) view; sharded over torchrun ranks like eval.vqa."""
-    from eval.generate import answer_with
+    from eval.generate import answer_with, processor_settings
     from eval.prompts import load_prompts
 
     items = REPORT_BENCHMARKS[args.benchmark](args.annotation, split=args.split).load()
     prompt = args.prompt or load_prompts(args.benchmark, args.prompts).report
     todo = [(it.id, prompt, it.images[0] if it.images else None) for it in items]
     n, rank = answer_with(args.checkpoint, assistant, todo, args.out, "id", args.batch_size, args.max_new_tokens,
-                          f"{args.benchmark} reports")
+                          f"{args.benchmark} reports", processor_settings(getattr(args, "processor", None)))
     log.info("rank %d: %d reports generated now (%d in all) -> %s", rank, n, len(items), args.out)
     return n
 
@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-missing", action="store_true", help="score studies without a prediction as empty")
     s.add_argument("--no-clinical", action="store_true", help="skip CheXbert/RadGraph even if installed")
     g = sub.add_parser("generate", help="write reports for a split with a trained assistant (JSONL)")
-    g.add_argument("--checkpoint", required=True, help="a train.instruct run/checkpoint or a transformers export")
+    g.add_argument("--checkpoint", required=True,
+                   help="a train.instruct run/checkpoint, a transformers export, or any stock VLM folder or hub id")
     g.add_argument("--benchmark", required=True, choices=sorted(REPORT_BENCHMARKS))
     g.add_argument("--annotation", required=True)
     g.add_argument("--split", default="test")
@@ -112,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompts", default=None, help="prompts YAML (default: configs/eval/prompts.yaml)")
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--processor", action="append", metavar="KEY=VALUE",
+                   help="a stock VLM's image processor setting (repeatable), e.g. max_pixels=1003520 for Qwen2-VL")
     return p
 
 

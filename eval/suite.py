@@ -39,7 +39,8 @@ class SuiteBenchmark:
 
 @dataclass
 class SuiteConfig:
-    checkpoint: Optional[str] = None  # a train.instruct run/checkpoint or a transformers export
+    checkpoint: Optional[str] = None  # a train.instruct run/checkpoint, a transformers export, or a stock VLM (id/folder)
+    processor: dict = field(default_factory=dict)  # stock VLM image processor settings (min/max_pixels)
     out: str = "runs/suite"
     benchmarks: List[SuiteBenchmark] = field(default_factory=list)
     batch_size: int = 16
@@ -183,7 +184,7 @@ def main(argv=None) -> int:
         if cfg.checkpoint and any(not b.predictions for b in cfg.benchmarks):
             from vlm.models.vlm import load_assistant
 
-            assistant = load_assistant(cfg.checkpoint)
+            assistant = load_assistant(cfg.checkpoint, dict(cfg.processor) or None)
         results = {}
         for b in cfg.benchmarks:
             r = run_benchmark(cfg, b, out, assistant, d.is_main)

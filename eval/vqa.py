@@ -56,7 +56,7 @@ def score(args) -> dict:
 
 def generate_answers(args, assistant=None) -> int:
     """Answer the benchmark's questions (sharded over torchrun ranks; see eval.generate.answer_file)."""
-    from eval.generate import answer_with
+    from eval.generate import answer_with, processor_settings
     from eval.prompts import load_prompts, vqa_prompt
 
     items = VQA_BENCHMARKS[args.benchmark](args.data_root, split=args.split, lang=args.lang).load()
@@ -64,7 +64,8 @@ def generate_answers(args, assistant=None) -> int:
     todo = [(it.qid, vqa_prompt(prompts, it.question, it.answer_type, args.closed_options), it.image)
             for it in items]
     n, rank = answer_with(args.checkpoint, assistant, todo, args.out, "question_id", args.batch_size,
-                          args.max_new_tokens, f"{args.benchmark} answers")
+                          args.max_new_tokens, f"{args.benchmark} answers",
+                          processor_settings(getattr(args, "processor", None)))
     log.info("rank %d: %d answers generated now (%d questions in all) -> %s", rank, n, len(items), args.out)
     return n
 
@@ -126,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs (0: none)")
     s.add_argument("--seed", type=int, default=0)
     g = sub.add_parser("generate", help="answer a benchmark's questions with a trained assistant (JSONL)")
-    g.add_argument("--checkpoint", required=True, help="a train.instruct run/checkpoint or a transformers export")
+    g.add_argument("--checkpoint", required=True,
+                   help="a train.instruct run/checkpoint, a transformers export, or any stock VLM folder or hub id")
     g.add_argument("--benchmark", required=True, choices=sorted(VQA_BENCHMARKS))
     g.add_argument("--data-root", required=True)
     g.add_argument("--out", required=True, help="predictions JSONL (ids already there are skipped: resumable)")
@@ -134,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lang", default="en", choices=["en", "zh", "all"])
     g.add_argument("--batch-size", type=int, default=16)
     g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--processor", action="append", metavar="KEY=VALUE",
+                   help="a stock VLM's image processor setting (repeatable), e.g. max_pixels=1003520 for Qwen2-VL")
     g.add_argument("--prompts", default=None, help="prompts YAML (default: configs/eval/prompts.yaml)")
     g.add_argument("--closed-options", action="store_true",
                    help="closed questions use the benchmark's closed_options prompt (the options listed, as some "

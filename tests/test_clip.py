@@ -304,6 +304,26 @@ def test_weight_decay_groups():
     assert not any(n.endswith(".bias") or ".ln_" in n for n in decay)
 
 
+def test_lr_scales_hold_under_ddp(tmp_path):
+    """The optimizer is built after parallelize: a DDP-wrapped model's parameter names start with 'module.',
+    and the lr_scales prefixes (vision tower at model.vision_lr_scale) must still match them."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from train.optim import param_groups
+
+    model = MedCLIP("tiny-vit-text")
+    plain = param_groups(model, 0.1, {"clip.visual.": 0.1})
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        wrapped = param_groups(DistributedDataParallel(model), 0.1, {"clip.visual.": 0.1})
+    finally:
+        dist.destroy_process_group()
+    summary = lambda groups: sorted((g["lr_scale"], g["weight_decay"], len(g["params"])) for g in groups)  # noqa: E731
+    assert summary(wrapped) == summary(plain)
+    assert any(g["lr_scale"] == 0.1 for g in wrapped)
+
+
 def test_grad_checkpointing_same_gradients():
     tok = build_tokenizer("tiny-vit-text")
     grads = []

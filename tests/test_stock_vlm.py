@@ -181,27 +181,36 @@ def test_packed_equals_padded_loss_and_gradients(folders, family):
 
 
 def test_packing_needs_per_conversation_mrope_and_image_blocks(folders):
-    """What the packed path computes is necessary: Qwen2-VL with plain restarting positions instead of
-    its per-conversation 3-D positions, and Gemma 3 with transformers' own packed mask instead of ours,
-    each give another loss than the padded batch."""
-    from vlm.data.stock_chat import StockCollate, encode_stock
+    """What the packed path computes is necessary: Qwen2-VL with plain restarting positions instead of its
+    per-conversation 3-D positions, and Gemma 3 with transformers' own packed mask (from the positions)
+    instead of its image-block masks, give other logits than ours, which equal the conversation's alone."""
+    from vlm.data.stock_chat import StockCollate, encode_stock, packed_block_masks, packed_positions
+    from vlm.models.stock import load_stock_vlm
+
+    def logits(model, batch, positions, masks):
+        inputs = {k: v for k, v in batch.items() if k not in ("keys", "labels", "seq_lens")}
+        inputs["position_ids"] = positions
+        if masks is not None:
+            inputs["attention_mask"] = masks
+        with torch.no_grad():
+            return model(**inputs, use_cache=False).logits[0]
 
     for family in ("qwen2_vl", "gemma3"):
-        model, processor = _load(folders[family])
+        model, processor = load_stock_vlm(folders[family], dtype="float32")
+        model.eval()
         exs = [encode_stock(c, [im], processor, ChatConfig()) for c, im in zip(CONVS, IMAGES)]
-        padded = StockCollate(False, 512, 0)(exs)
         packed = StockCollate(True, 512, 0)(exs)
+        pos = packed_positions(model, packed)
+        right = logits(model, packed, pos, packed_block_masks(model, packed))
+        wrong = logits(model, packed, pos[0], None) if family == "qwen2_vl" else logits(model, packed, pos, None)
+        # the last conversation of the packed row (rows keep the stream's order) against it alone, unpacked
+        assert packed["seq_lens"] == [[len(ex["input_ids"]) for ex in exs]]
+        at, n = sum(packed["seq_lens"][0][:-1]), packed["seq_lens"][0][-1]
+        alone = StockCollate(False, 512, 0)(exs[-1:])
         with torch.no_grad():
-            ref = _loss(model, padded)
-            inputs = {k: v for k, v in packed.items() if k not in ("keys", "labels", "seq_lens")}
-            from vlm.data.stock_chat import packed_positions
-
-            pos = packed_positions(model, packed)
-            inputs["position_ids"] = pos[0] if family == "qwen2_vl" else pos  # qwen: 1-D positions only
-            logits = model(**inputs, use_cache=False).logits
-            naive = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                    packed["labels"][:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum")
-        assert not torch.allclose(ref, naive, rtol=1e-5), family
+            want = model(**{k: v for k, v in alone.items() if k not in ("keys", "labels")}, use_cache=False).logits[0]
+        assert (right[at:at + n] - want).abs().max() < 1e-4, family
+        assert (wrong[at:at + n] - want).abs().max() > 1e-3, family
 
 
 def test_truncation_never_cuts_an_image(folders):
@@ -310,7 +319,10 @@ def test_train_instruct_then_eval_on_a_stock_vlm(folders, synth_dir, tmp_path):
     from train.export import main as export_main
 
     assert export_main(["--checkpoint", str(tmp_path / "run"), "--to", "transformers", "--out",
-                        str(tmp_path / "export")]) == 0
+                        str(tmp_path / "export"), "--adapter", str(tmp_path / "adapter")]) == 0
+    adapter = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(folders["qwen2_5_vl"]) and adapter["r"] == 8
+    assert adapter["modules_to_save"] == ["model.visual.merger"]
     cfg_out = json.loads((tmp_path / "export" / "config.json").read_text())
     assert cfg_out["architectures"] == ["Qwen2_5_VLForConditionalGeneration"]
     img = next((synth_dir / "eval" / "slake" / "imgs").rglob("source.jpg"))
@@ -361,3 +373,184 @@ def test_export_reloads_in_stock_transformers_with_identical_logits(folders, fam
     base = AutoModelForImageTextToText.from_pretrained(folders[family], trust_remote_code=False, dtype=torch.float32)
     with torch.no_grad():
         assert not torch.allclose(base(**inputs).logits, theirs, atol=1e-3)  # the tuning is in the export
+
+
+def test_eval_takes_a_stock_folder_with_processor_settings(folders, synth_dir, tmp_path):
+    """eval.vqa generate straight on a downloaded-style stock folder (bf16 on disk), Qwen2-VL's pixel budget
+    set on the command line; a setting the image processor does not have is a one-line error (exit 2)."""
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "eval.vqa", "generate", "--checkpoint", str(folders["qwen2_5_vl"]), "--benchmark",
+            "slake", "--data-root", str(synth_dir / "eval" / "slake"), "--batch-size", "8", "--max-new-tokens", "3"]
+    r = subprocess.run([*base, "--out", str(tmp_path / "a.jsonl"), "--processor", "max_pixels=3136",
+                        "--processor", "min_pixels=784"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    n = sum(1 for q in json.loads((synth_dir / "eval/slake/test.json").read_text()) if q.get("q_lang", "en") == "en")
+    assert len((tmp_path / "a.jsonl").read_text().splitlines()) == n
+    r = subprocess.run([*base, "--out", str(tmp_path / "b.jsonl"), "--processor", "max_pixel=3136"], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "has no setting(s) ['max_pixel']" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "b.jsonl").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava", "idefics3"])
+def test_flash_attention_varlen_packing_equals_padded(folders, family):
+    """On a GPU with flash-attn: packed rows through flash-attention's varlen kernels (the restarts of the
+    text position ids) give the padded loss, mRoPE included (bf16 tolerance)."""
+    pytest.importorskip("flash_attn")
+    from vlm.data.stock_chat import StockCollate, encode_stock
+    from vlm.models.stock import load_stock_vlm
+
+    model, processor = load_stock_vlm(folders[family], dtype="bfloat16", attn_impl="flash_attention_2")
+    model.cuda()
+    exs = [encode_stock(c, [im], processor, ChatConfig()) for c, im in zip(CONVS, IMAGES)]
+    padded = StockCollate(False, 512, processor.tokenizer.pad_token_id)(exs)
+    packed = StockCollate(True, 512, processor.tokenizer.pad_token_id)(exs)
+    on = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in packed.items()}
+    with torch.no_grad():
+        a = _loss(model, {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in padded.items()})
+        from vlm.data.stock_chat import packed_positions
+
+        on["position_ids"] = packed_positions(model, packed).cuda()
+        inputs = {k: v for k, v in on.items() if k not in ("keys", "labels", "seq_lens")}
+        logits = model(**inputs, use_cache=False).logits
+        b = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), on["labels"][:, 1:].reshape(-1),
+                            ignore_index=IGNORE, reduction="sum")
+    assert torch.allclose(a.float(), b.float(), rtol=2e-2), (family, float(a), float(b))
+
+
+@pytest.mark.gpu
+def test_qlora_on_a_stock_vlm_trains_adapters_only(folders):
+    """QLoRA on a stock VLM: the LLM's linears in 4 bit, vision tower / projector / head unquantized; two steps
+    move the adapters and the projector, nothing else."""
+    pytest.importorskip("bitsandbytes")
+    from train.config import LLM_LORA_TARGET
+    from vlm.data.stock_chat import StockCollate, encode_stock
+    from vlm.models.stock import part_of, stock_from_config, vlm_parts
+
+    model, processor = stock_from_config({"vlm": str(folders["qwen2_vl"]), "dtype": "bfloat16", "freeze": ["vision"],
+                                          "llm_quantize": "4bit",
+                                          "lora": {"r": 4, "alpha": 8, "target": LLM_LORA_TARGET}})
+    model.cuda().train()
+    parts = vlm_parts(model)
+    assert all(p.dtype != torch.uint8 for n, p in model.named_parameters() if part_of(n, parts) != "llm")
+    assert any(p.dtype == torch.uint8 for n, p in model.named_parameters() if part_of(n, parts) == "llm")
+    batch = StockCollate(True, 512, processor.tokenizer.pad_token_id)(
+        [encode_stock(c, [im], processor, ChatConfig()) for c, im in zip(CONVS, IMAGES)])
+    batch = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for _ in range(2):
+        opt.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = _loss(model, batch)
+        loss.backward()
+        opt.step()
+    moved = {("adapter" if ".lora_" in n else part_of(n, parts)) for n, p in model.named_parameters()
+             if not torch.equal(before[n], p)}
+    assert moved == {"adapter", "projector"}, moved
+
+
+def test_qlora_config_errors_are_clear(folders):
+    from train.config import AssistantModelConfig, LLM_LORA_TARGET, LoraConfig
+    from vlm.models.stock import stock_from_config
+
+    with pytest.raises(ValueError, match="needs model.lora.r > 0"):
+        AssistantModelConfig(vlm="Qwen/Qwen2.5-VL-7B-Instruct", llm_quantize="4bit")
+    AssistantModelConfig(vlm="Qwen/Qwen2.5-VL-7B-Instruct", llm_quantize="4bit", lora=LoraConfig(r=8))
+    with pytest.raises(ValueError, match="replaces model.vision"):
+        AssistantModelConfig(vlm="Qwen/Qwen2.5-VL-7B-Instruct", vision="runs/clip")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs (bitsandbytes|a CUDA GPU)"):
+            stock_from_config({"vlm": str(folders["qwen2_vl"]), "llm_quantize": "4bit",
+                               "lora": {"r": 4, "alpha": 8, "target": LLM_LORA_TARGET}})
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3"])
+def test_adapter_folder_loads_onto_the_stock_base_with_peft(folders, family, tmp_path):
+    """export_adapter: PeftModel.from_pretrained(stock base, folder) gives the tuned model's logits (LoRA on the
+    LLM, the projector as modules_to_save: Qwen2-VL's merger inside the vision module, Gemma 3's projector)."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from train.config import LLM_LORA_TARGET
+    from vlm.data.stock_chat import encode_stock
+    from vlm.models.stock import export_adapter, stock_from_config, vlm_parts
+
+    model, processor = stock_from_config({"vlm": str(folders[family]), "dtype": "float32", "freeze": ["vision"],
+                                          "lora": {"r": 4, "alpha": 8, "target": LLM_LORA_TARGET}})
+    g = torch.Generator().manual_seed(1)
+    proj = vlm_parts(model)["projector"]
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_" in n or any(n.startswith(q) for q in proj):
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    model.eval()
+    ex = encode_stock(CONVS[0], [IMAGES[2]], processor, ChatConfig())
+    inputs = {"input_ids": torch.tensor([ex["input_ids"]]), **{k: torch.tensor([v]) for k, v in ex["tokens"].items()},
+              **ex["images"]}
+    with torch.no_grad():
+        tuned = model(**inputs).logits
+    folder = export_adapter(model, str(folders[family]), tmp_path / "adapter")
+    assert json.loads((folder / "adapter_config.json").read_text())["modules_to_save"]
+    base = AutoModelForImageTextToText.from_pretrained(folders[family], trust_remote_code=False, dtype=torch.float32)
+    with torch.no_grad():
+        untuned = base(**inputs).logits
+        peft_model = PeftModel.from_pretrained(base, folder).eval()
+        theirs = peft_model(**inputs).logits
+    assert not torch.allclose(untuned, tuned, atol=1e-3)
+    assert torch.allclose(tuned, theirs, atol=1e-4, rtol=1e-4), float((tuned - theirs).abs().max())
+
+
+@pytest.mark.parametrize("impl", ["eager", "flash_attention_2"])
+def test_gemma3_packing_with_other_attention_implementations(folders, impl):
+    """eager adds its mask to the scores: the packed image-block masks are additive there (packed = padded);
+    flash-attention's causal varlen kernels cannot express them: a clear error, not a wrong loss."""
+    from vlm.data.stock_chat import StockCollate, encode_stock, packed_block_masks
+    from vlm.models.stock import load_stock_vlm
+
+    model, processor = load_stock_vlm(folders["gemma3"], dtype="float32", attn_impl="eager")
+    exs = [encode_stock(c, [im], processor, ChatConfig()) for c, im in zip(CONVS, IMAGES)]
+    packed = StockCollate(True, 512, 0)(exs)
+    if impl == "flash_attention_2":
+        model.config.get_text_config()._attn_implementation = impl
+        with pytest.raises(ValueError, match="needs model.attn_impl sdpa or eager, not flash_attention_2"):
+            packed_block_masks(model, packed)
+        return
+    with torch.no_grad():
+        a, b = _loss(model, StockCollate(False, 512, 0)(exs)), _loss(model, packed)
+    assert torch.allclose(a, b, rtol=1e-5), (float(a), float(b))
+
+
+def test_an_image_the_processor_refuses_is_a_counted_skip(folders, tmp_path):
+    """Qwen2-VL refuses aspect ratios beyond 200: one such image is a skip (image_rejected) in training, and in
+    eval an error naming the question, never a crash of the whole run without a name."""
+    from vlm.data.stock_chat import encode_stock
+
+    _, processor = _load(folders["qwen2_vl"])
+    with pytest.raises(SkipExample, match="image_rejected"):
+        encode_stock(CONVS[0], [Image.new("RGB", (10, 3000))], processor, ChatConfig())
+    from eval.generate import answer_file
+    from vlm.models.stock import load_stock_vlm
+
+    model, processor = load_stock_vlm(folders["qwen2_vl"], dtype="float32")
+    (tmp_path / "tall.png").parent.mkdir(exist_ok=True)
+    Image.new("RGB", (10, 3000)).save(tmp_path / "tall.png")
+    IMAGES[0].save(tmp_path / "ok.png")
+    items = [("q1", "What is shown?", str(tmp_path / "ok.png")), ("q2", "And here?", str(tmp_path / "tall.png"))]
+    with pytest.raises(ValueError, match="question_id q2: the model's image processor refused its image"):
+        answer_file(model, processor.tokenizer, {"processor": processor}, items, tmp_path / "a.jsonl", "question_id",
+                    batch_size=2, max_new_tokens=2)
+
+
+def test_a_mistyped_folder_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    from vlm.models.stock import is_stock_source, load_stock_vlm
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    assert not is_stock_source("runs/missing_run") and is_stock_source("Qwen/Qwen2.5-VL-7B-Instruct")
+    with pytest.raises(ValueError, match="runs/missing_run: no such folder"):
+        load_stock_vlm("runs/missing_run")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="not a local folder, and the hub repo could not be read"):
+        load_stock_vlm("nobody-here/no-such-vlm")

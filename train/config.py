@@ -208,7 +208,10 @@ class AssistantModelConfig:
         projector_depth(self.projector)
         if self.llm_quantize not in ("none", "4bit", "8bit"):
             raise ValueError(f"model.llm_quantize must be none, 4bit or 8bit, got {self.llm_quantize!r}")
-        if self.llm_quantize != "none" and (self.lora.r <= 0 or not self.llm or self.stage != 2):
+        if self.llm_quantize != "none" and self.vlm and self.lora.r <= 0:
+            raise ValueError("model.llm_quantize trains adapters on a frozen quantized LLM (QLoRA): it needs "
+                             "model.lora.r > 0")
+        if self.llm_quantize != "none" and not self.vlm and (self.lora.r <= 0 or not self.llm or self.stage != 2):
             raise ValueError("model.llm_quantize trains adapters on a frozen quantized LLM (QLoRA): it needs "
                              "model.stage=2, model.lora.r > 0 and a pretrained model.llm")
         if self.attn_impl not in ("sdpa", "eager", "flash_attention_2"):

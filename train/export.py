@@ -71,6 +71,9 @@ def export_assistant(args) -> Path:
     cfg = _from_dict(InstructRunConfig, state["config"])
     if cfg.model.vlm:
         return export_stock_run(args, cfg, p, state)
+    if getattr(args, "adapter", None):
+        raise ValueError("--adapter applies to a stock VLM run (model.vlm): the LLaVA assembly has no stock base "
+                         "checkpoint to put an adapter on; its export has the adapters merged")
     cfg.model.init_from = None
     model, tokenizer = build_assistant(cfg)
     load_weights_into(model, model_weights(p), str(p))
@@ -119,6 +122,11 @@ def export_stock_run(args, cfg, ckpt: Path, state: dict) -> Path:
 
     model, processor = stock_from_config(asdict(cfg.model))
     load_weights_into(model, model_weights(ckpt), str(ckpt))
+    if args.adapter:  # before the adapters are merged into the weights
+        from vlm.models.stock import export_adapter
+
+        log.info("peft adapter folder -> %s (PeftModel.from_pretrained(%s, ...))",
+                 export_adapter(model, cfg.model.vlm, args.adapter), cfg.model.vlm)
     name = args.name or Path(args.out).name
     card = (f"---\nlibrary_name: transformers\npipeline_tag: image-text-to-text\nbase_model: {cfg.model.vlm}\n"
             f"tags: [medical]\n---\n\n# {name}\n\n{cfg.model.vlm} fine-tuned with this repository's train.instruct "
@@ -152,6 +160,9 @@ def main(argv=None) -> int:
     p.add_argument("--private", action="store_true")
     p.add_argument("--name", help="model name for the card (default: the output folder's name)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights")
+    p.add_argument("--adapter", metavar="DIR",
+                   help="a stock VLM run tuned with LoRA: also write its adapters (and the fully trained projector) "
+                        "as a peft adapter folder here, for PeftModel.from_pretrained(the base checkpoint, DIR)")
     p.add_argument("--vision-tower", metavar="DIR_OR_ID",
                    help="--from llava_med: the CLIP vision model when the checkpoint has no vision tower weights "
                         "(default: config.json's mm_vision_tower)")
@@ -163,6 +174,8 @@ def main(argv=None) -> int:
     args.checkpoint = args.checkpoint or args.src
     if args.source == "llava_med" and args.to != "transformers":
         p.error("--from llava_med converts to --to transformers only")
+    if args.adapter and (args.source != "ours" or args.to != "transformers"):
+        p.error("--adapter applies to --to transformers of a train.instruct run")
     if args.source == "ours" and (args.vision_tower or args.conv_mode):
         p.error("--vision-tower and --conv-mode apply to --from llava_med")
     setup_logging()

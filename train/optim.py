@@ -13,12 +13,16 @@ NO_DECAY_NAMES = ("bias", "logit_scale", "logit_bias", "positional_embedding", "
 def param_groups(model: nn.Module, weight_decay: float, lr_scales: dict[str, float] | None = None) -> list[dict]:
     """No weight decay for norms, biases, logit scales/biases, and embeddings (1-D or named so).
 
-    ``lr_scales``: {name prefix: factor} for parameters that train at their own learning rate.
+    ``lr_scales``: {name prefix: factor} for parameters that train at their own learning rate, matched
+    against the model's own names (a DDP wrapper's ``module.`` and torch.compile's ``_orig_mod.`` removed:
+    the optimizer is built after parallelize).
     """
     groups: dict[tuple[bool, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
+        while name.startswith(("module.", "_orig_mod.")):
+            name = name.split(".", 1)[1]
         decay = p.ndim >= 2 and not any(k in name for k in NO_DECAY_NAMES)
         scale = next((f for prefix, f in (lr_scales or {}).items() if name.startswith(prefix)), 1.0)
         groups.setdefault((decay, scale), []).append(p)

@@ -199,6 +199,7 @@ _HINTS = {
     "image_token_mismatch": "chat.image_token against the image placeholders in the conversations",
     "image_too_large": "data.image.max_pixels against the image sizes in the shards",
     "rejected": "the sample_fn, which rejected them",
+    "image_rejected": "the images against the stock VLM's image processor (it refused them: aspect ratio, size)",
 }
 _SHARD_HINT = "the shards themselves: python -m data_prep.inspect FOLDER verifies them member by member"
 for _r in ("missing_image", "bad_image", "bad_json", "bad_text", "unsafe_member_name", "truncated_tar",

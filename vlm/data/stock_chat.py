@@ -75,7 +75,11 @@ def encode_stock(messages: list[dict], images: list, processor, cfg: ChatConfig)
     text, spans = assistant_spans(items, renderer(processor))
     plain, labels = label_tokens(text, spans, processor.tokenizer)
     # the template writes BOS where the family wants it: the tokenizer must not add another
-    enc = processor(text=[text], images=[images] if images else None, add_special_tokens=False, return_tensors="pt")
+    try:
+        enc = processor(text=[text], images=[images] if images else None, add_special_tokens=False,
+                        return_tensors="pt")
+    except (ValueError, RuntimeError, TypeError) as e:  # e.g. Qwen2-VL refuses aspect ratios beyond 200
+        raise SkipExample("image_rejected", f"the processor rejected an image: {e}") from None
     full = enc["input_ids"][0].tolist()
     labels, expanded = carry_labels(plain, labels, full, processor.tokenizer.all_special_ids)
     ex = {"input_ids": full, "labels": labels, "expanded": expanded,
@@ -229,11 +233,17 @@ def packed_block_masks(model, batch: dict):
     inside each conversation instead of by place in the row (a later conversation's text then sees
     ahead wherever an earlier image block sat), so the masks are built here: (B, 1, T, T) bool, True =
     attend, per layer type: same conversation, causal or the same image block, and inside the sliding
-    window for sliding layers. -> {"full_attention": ..., "sliding_attention": ...}, or None for models
-    without image blocks (their packed masks come from the position ids)."""
+    window for sliding layers. Boolean for sdpa, additive float (0 / the float minimum) for eager; varlen
+    kernels (flash attention) cannot express image blocks: an error. -> {"full_attention": ...,
+    "sliding_attention": ...}, or None for models without image blocks (their masks come from the positions)."""
     tt = batch.get("token_type_ids")
     if tt is None:
         return None
+    impl = getattr(model.config.get_text_config(), "_attn_implementation", None) or "sdpa"
+    if impl not in ("sdpa", "sdpa_varlen", "eager"):  # (sdpa_varlen: stock SDPA whenever a mask is given)
+        raise ValueError(f"packing a model whose image tokens attend both ways (token_type_ids) needs "
+                         f"model.attn_impl sdpa or eager, not {impl}: its varlen kernels are causal only; set "
+                         "model.attn_impl=sdpa or packing=false")
     B, T = tt.shape
     seg = torch.zeros((B, T), dtype=torch.long)
     for i, lens in enumerate(batch["seq_lens"]):
@@ -253,4 +263,7 @@ def packed_block_masks(model, batch: dict):
     window = getattr(model.config.get_text_config(), "sliding_window", None)
     if window:
         out["sliding_attention"] = (full & (q - kv < window))[:, None]
+    if impl == "eager":  # eager attention adds its mask to the scores: 0 where attended, the float minimum elsewhere
+        lowest = torch.finfo(torch.float32).min
+        out = {k: torch.zeros(m.shape).masked_fill_(~m, lowest) for k, m in out.items()}
     return out

@@ -39,24 +39,73 @@ def is_stock_source(source) -> bool:
     if p.exists():
         return (p / "config.json").is_file() and not (p / "state.json").is_file() and not (p / "checkpoints").is_dir()
     text = str(source)
-    return text.count("/") == 1 and not text.startswith((".", "/", "~")) and " " not in text
+    if text.count("/") != 1 or text.startswith((".", "/", "~")) or " " in text:
+        return False
+    return not Path(text.split("/")[0]).exists()  # runs/missing_run is a mistyped folder, not a hub repo
 
 
-def load_stock_vlm(source, dtype: str = "auto", attn_impl: str = "sdpa", processor_kwargs: Optional[dict] = None):
+def load_stock_vlm(source, dtype: str = "auto", attn_impl: str = "sdpa", processor_kwargs: Optional[dict] = None,
+                   quantize: str = "none"):
     """(model, processor) from a hub id or folder. ``processor_kwargs`` go to the image processor
     (Qwen2-VL's ``min_pixels`` / ``max_pixels``, Idefics3's ``size``...). ``dtype``: auto (as stored),
-    float32, bfloat16, float16."""
+    float32, bfloat16, float16. ``attn_impl`` sdpa runs as ``sdpa_varlen`` (the same SDPA; packed rows
+    attend per conversation at the conversations' cost) unless the model has image blocks
+    (``image_blocks``). ``quantize``: 4bit | 8bit loads the LLM's linears quantized (bitsandbytes,
+    CUDA; QLoRA), the vision tower, projector and head unquantized."""
     import torch
     from transformers import AutoModelForImageTextToText
 
     from vlm.remote_code import refuse_remote_code
 
+    if not Path(str(source)).exists() and not is_stock_source(source):
+        raise ValueError(f"{source}: no such folder (and not a hub id of the form org/name)")
     refuse_remote_code(str(source), "model")
-    processor = load_processor(source, processor_kwargs)
+    try:
+        processor = load_processor(source, processor_kwargs)
+    except OSError as e:  # not cached and the hub unreachable, a gated or missing repo, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{source}: not a local folder, and the hub repo could not be read ({first})") from None
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    extra = quantized_llm(source, quantize) if quantize != "none" else {}
+    varlen_ok = attn_impl == "sdpa" and not image_blocks(source)
+    if varlen_ok:  # SDPA plus packing at the cost of the conversations, not the row (vlm/models/varlen.py)
+        from vlm.models import varlen
+
+        attn_impl = varlen.register()
     model = AutoModelForImageTextToText.from_pretrained(str(source), trust_remote_code=False, dtype=torch_dtype,
-                                                        attn_implementation=attn_impl)
+                                                        attn_implementation=attn_impl, **extra)
     return model, processor
+
+
+def image_blocks(source) -> bool:
+    """Whether the model's image tokens attend to each other both ways (its forward takes ``token_type_ids``:
+    Gemma 3, PaliGemma). Its masks carry those blocks, which sdpa_varlen's mask-free path would drop: such
+    models run transformers' own SDPA (packed rows get their masks from vlm.data.stock_chat)."""
+    import inspect
+
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    cfg = AutoConfig.from_pretrained(str(source), trust_remote_code=False)
+    cls = AutoModelForImageTextToText._model_mapping.get(type(cfg), None)
+    return cls is not None and "token_type_ids" in inspect.signature(cls.forward).parameters
+
+
+def quantized_llm(source, mode: str) -> dict:
+    """from_pretrained kwargs quantizing only the LLM: the parts found on a weightless skeleton of the model
+    (meta device) name what bitsandbytes must skip."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from vlm.models.vlm import quantization
+
+    kwargs = quantization(mode)  # a clear error without bitsandbytes or CUDA
+    with torch.device("meta"):
+        skeleton = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(str(source),
+                                                                                      trust_remote_code=False))
+    parts = vlm_parts(skeleton)
+    kwargs["quantization_config"].llm_int8_skip_modules = [p.rstrip(".") for k in ("vision", "projector")
+                                                           for p in parts[k]] + ["lm_head"]
+    return kwargs
 
 
 def load_processor(source, processor_kwargs: Optional[dict] = None):
@@ -163,7 +212,8 @@ def stock_from_config(model_cfg: dict):
     checkpoint, with ``freeze`` parts frozen and, with ``lora.r`` > 0, adapters on a frozen LLM."""
     model, processor = load_stock_vlm(model_cfg["vlm"], dtype=model_cfg.get("dtype", "auto"),
                                       attn_impl=model_cfg.get("attn_impl", "sdpa"),
-                                      processor_kwargs=model_cfg.get("processor") or {})
+                                      processor_kwargs=model_cfg.get("processor") or {},
+                                      quantize=model_cfg.get("llm_quantize", "none"))
     lora = model_cfg.get("lora") or {}
     freeze = list(model_cfg.get("freeze") or [])
     if lora.get("r", 0) > 0 and "llm" not in freeze:
@@ -276,3 +326,51 @@ def export_stock(model, processor, out, card: Optional[str] = None):
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+def export_adapter(model, source: str, out) -> Path:
+    """The LoRA-family adapters of a tuned stock VLM as a peft adapter folder (adapter_config.json +
+    adapter_model.safetensors, written to OUT.tmp and renamed) that ``PeftModel.from_pretrained(base, OUT)``
+    loads onto the stock ``source`` checkpoint. Parts that trained fully (the projector, a vision tower)
+    go in as peft's ``modules_to_save``. Call before merging. A part that is a bare parameter (LLaVA-NeXT's
+    image_newline) cannot be expressed as a peft module: a clear error (use the merged export)."""
+    import copy
+    import shutil
+
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    if not getattr(model, "peft_config", None):
+        raise ValueError("no adapters to export: the run did not train with model.lora.r > 0")
+    parts = vlm_parts(model)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad and not _is_adapter(n)}
+    prefixes = sorted({max((p for k in ("vision", "projector") for p in parts[k] if n.startswith(p)), key=len,
+                           default=n) for n in trained})
+    bare = [p for p in prefixes if not p.endswith(".")]
+    if bare:
+        raise ValueError(f"the fully trained parameter(s) {bare} are not inside a module, so a peft adapter folder "
+                         "cannot carry them: use the merged export")
+    cfg = copy.deepcopy(model.peft_config["default"])
+    cfg.base_model_name_or_path = str(source)
+    cfg.modules_to_save = [p.rstrip(".") for p in prefixes] or None
+    cfg.inference_mode = True
+    state = {f"base_model.model.{k}": v for k, v in get_peft_model_state_dict(model).items()}
+    state.update({f"base_model.model.{n}": p for n, p in model.named_parameters()
+                  if any(n.startswith(q) for q in prefixes)})
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    cfg.save_pretrained(tmp)
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp / "adapter_model.safetensors")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def _is_adapter(name: str) -> bool:
+    import re
+
+    return re.search(r"\.(lora_|hada_|lokr_|lora_magnitude_vector)", name) is not None

@@ -33,9 +33,11 @@ QWEN_VL = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}
            "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
            "{{ '<|im_start|>' + m['role'] + '\n' }}" + _items("<|vision_start|><|image_pad|><|vision_end|>")
            + "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-GEMMA3 = ("{{ bos_token }}{% for m in messages %}{% if m['role'] != 'system' %}"
-          "{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else 'user') + '\n' }}"
-          + _items("<start_of_image>") + "{{ '<end_of_turn>\n' }}{% endif %}{% endfor %}"
+# a system message is folded into the first user turn, as Gemma 3's template does
+GEMMA3 = ("{{ bos_token }}{% set ns = namespace(sys='') %}{% for m in messages %}{% if m['role'] == 'system' %}"
+          "{% set ns.sys = (m['content'] if m['content'] is string else m['content'][0]['text']) + '\n\n' %}"
+          "{% else %}{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else 'user') + '\n' + ns.sys }}"
+          + _items("<start_of_image>") + "{{ '<end_of_turn>\n' }}{% set ns.sys = '' %}{% endif %}{% endfor %}"
           "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
 # LLaVA-1.5 (Vicuna shape, as LLaVA trains it: the answer ends with EOS)
 LLAVA = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ 'USER: ' }}" + _items("<image>\n") + "{{ ' ' }}"

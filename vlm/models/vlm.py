@@ -303,10 +303,12 @@ def add_image_token(tokenizer, image_token: str = "<image>") -> bool:
     return True
 
 
-def load_assistant(path: str | Path):
+def load_assistant(path: str | Path, processor_kwargs: Optional[dict] = None):
     """A trained assistant for inference: a train.instruct run / checkpoint folder (LoRA merged; the LLaVA
     assembly or a tuned stock VLM), or any stock VLM folder / hub id (AutoModelForImageTextToText +
     AutoProcessor, our transformers exports included).
+    ``processor_kwargs``: a stock VLM's image processor settings (Qwen2-VL's min_pixels / max_pixels), over
+    those a train.instruct run was trained with.
     -> (model in eval mode, tokenizer, image settings dict; with "processor" for a stock VLM)."""
     import json
 
@@ -325,7 +327,8 @@ def load_assistant(path: str | Path):
         if "chat" not in cfg:
             raise ValueError(f"{p} is not a train.instruct checkpoint")
         if cfg["model"].get("vlm"):
-            model, processor = stock_from_config(cfg["model"])
+            model, processor = stock_from_config({**cfg["model"], "processor": {
+                **(cfg["model"].get("processor") or {}), **(processor_kwargs or {})}})
             load_weights_into(model, model_weights(p), str(p))
             merge_lora(model)
             return model.eval(), processor.tokenizer, {"processor": processor}
@@ -335,7 +338,9 @@ def load_assistant(path: str | Path):
         image = cfg["data"]["image"]
         return model.eval(), tokenizer, {"size": image["size"], "mean": image["mean"], "std": image["std"],
                                          "image_token": cfg["chat"].get("image_token", "<image>")}
+    if processor_kwargs and not is_stock_source(path):
+        raise ValueError(f"{p}: processor settings apply to stock VLMs (a transformers folder or hub id)")
     if is_stock_source(path):
-        model, processor = load_stock_vlm(path)
+        model, processor = load_stock_vlm(path, processor_kwargs=processor_kwargs)
         return model.eval(), processor.tokenizer, {"processor": processor}
     raise ValueError(f"{p}: neither a train.instruct checkpoint nor a transformers folder or hub id")
