@@ -12,6 +12,7 @@ INSTALL_REQUIRES = [
     "timm>=1.0",
     "transformers>=4.56",
     "tokenizers",
+    "sentencepiece",  # SentencePiece-only tokenizers (tokenizer.model: LLaVA-Med, Llama-2, Mistral v0.x)
     "webdataset>=1.0",
     "peft>=0.15",
     "safetensors",

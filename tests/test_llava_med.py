@@ -440,3 +440,22 @@ def test_eval_vqa_generate_runs_on_converted_folder(converted, tmp_path):
     lines = [json.loads(x) for x in preds.read_text().splitlines()]
     assert sorted(x["question_id"] for x in lines) == sorted(r["qid"] for r in records)
     assert all(isinstance(x["text"], str) for x in lines)
+
+
+def test_a_sentencepiece_only_tokenizer_loads(tmp_path):
+    """LLaVA-Med (like Llama-2 and Mistral v0.x) ships tokenizer.model without tokenizer.json: transformers
+    needs sentencepiece (an install requirement) to read it."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(["Is there a nodule in the right upper lung?", "The lungs are clear.",
+                                 "What imaging modality is this?", "Head CT without contrast."] * 50))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "tokenizer"), vocab_size=64,
+                                   model_type="bpe", bos_id=1, eos_id=2, unk_id=0, minloglevel=2)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer",
+                                                               "bos_token": "<s>", "eos_token": "</s>",
+                                                               "unk_token": "<unk>"}))
+    tok = AutoTokenizer.from_pretrained(tmp_path, trust_remote_code=False)
+    ids = tok("The lungs are clear.", add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == "The lungs are clear."

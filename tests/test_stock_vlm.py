@@ -554,3 +554,25 @@ def test_a_mistyped_folder_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match="not a local folder, and the hub repo could not be read"):
         load_stock_vlm("nobody-here/no-such-vlm")
+
+
+def test_eval_suite_on_a_stock_folder(folders, synth_dir, tmp_path):
+    """eval.suite with a stock VLM folder as the checkpoint: VQA (SLAKE layout) and report generation (R2Gen
+    layout) through the processor, scored; processor settings from the suite config."""
+    import yaml
+
+    from eval.suite import main as suite_main
+
+    cfg = {"checkpoint": str(folders["idefics3"]), "out": str(tmp_path / "suite"), "batch_size": 8,
+           "vqa_max_new_tokens": 3, "report_max_new_tokens": 6, "bootstrap": 0,
+           "processor": {"size": {"longest_edge": 32}},
+           "benchmarks": [{"name": "slake", "data_root": str(synth_dir / "eval" / "slake")},
+                          {"name": "iu_xray", "annotation": str(synth_dir / "eval" / "iu_xray" / "annotation.json")}]}
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump(cfg))
+    assert suite_main(["--config", str(tmp_path / "suite.yaml")]) == 0
+    summary = json.loads((tmp_path / "suite" / "summary.json").read_text())
+    text = json.dumps(summary)
+    assert "slake" in text and "iu_xray" in text
+    reports = (tmp_path / "suite" / "iu_xray_predictions.jsonl").read_text().splitlines()
+    ann = json.loads((synth_dir / "eval" / "iu_xray" / "annotation.json").read_text())
+    assert len(reports) == len(ann["test"])
