@@ -32,7 +32,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "dev": ["pytest>=8", "pytest-timeout", "pytest-xdist", "psutil"],
+    "dev": ["pytest>=8", "pytest-timeout", "pytest-xdist", "psutil", "trl"],  # trl: the peer of the preference losses
     "gpu": ["flash-attn", "xformers"],
     "metrics": ["pycocoevalcap"],
 }

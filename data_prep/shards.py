@@ -5,10 +5,12 @@
     python -m data_prep.shards --format r2gen --input iu_xray/annotation.json --split train --out shards/iu
     python -m data_prep.shards --format dicom --input dicoms/ --window 40,400 --out shards/ct
     python -m data_prep.shards --format nifti --input volumes/ --axis 2 --slices every:4 --out shards/mr
+    python -m data_prep.shards --format preference --input pairs.jsonl --image-root images/ --out shards/dpo
 
 Formats: pairs (CSV/TSV/JSONL table), llava (conversation JSON), r2gen (annotation.json), slake,
 vqa_rad (official JSON or HF parquet), pathvqa (HF parquet or original pkl), imagefolder,
-dicom, nifti. Bad rows and images are skipped, counted by reason and named in the closing
+dicom, nifti, preference (JSONL or JSON list of {image(s), prompt or conversations, chosen, rejected}
+pairs for preference tuning). Bad rows and images are skipped, counted by reason and named in the closing
 summary (also stored in manifest.json). Options are checked before anything is written (a bad
 value: one line naming the option, exit 2). The new set is written into a hidden folder inside
 --out and swapped in when complete (the manifest last), so an interrupted run, with or without

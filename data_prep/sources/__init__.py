@@ -45,7 +45,7 @@ from pathlib import Path
 
 from vlm.data.paths import resolve_inside as _resolve_inside
 
-FORMATS = ("pairs", "llava", "r2gen", "slake", "vqa_rad", "pathvqa", "imagefolder", "dicom", "nifti")
+FORMATS = ("pairs", "llava", "r2gen", "slake", "vqa_rad", "pathvqa", "imagefolder", "dicom", "nifti", "preference")
 MAX_FIELD_CHARS = 16 * 1024 * 1024  # longest CSV/TSV field accepted (16 MiB); longer rows are bad_row
 
 

@@ -77,6 +77,19 @@ def llava_rows():
     return out
 
 
+def preference_rows():
+    """IU X-Ray reports as preference pairs: both views, the report chosen, the report with a hallucinated
+    prior-exam sentence rejected (the report-factuality recipe's pairs)."""
+    return [{"id": r["id"], "images": r["image_path"], "prompt": "Write the findings of this chest X-ray.",
+             "chosen": r["report"], "rejected": "Compared with the prior exam, unchanged. " + r["report"]}
+            for r in fixture("iu_xray/annotation.json")["train"][:3]]
+
+
+def _preference_set(row, value):
+    row.pop("images", None)
+    row["image"] = value
+
+
 def slake_rows():
     return fixture("slake/train.json")
 
@@ -123,6 +136,12 @@ FORMATS = {
                       lambda rows, i: f"record {i} (id {rows[i]['id']})", kind="json"),
     "llava.jsonl": Fmt("llava", "llava.jsonl", llava_rows, lambda r: [r["image"]], _set("image"),
                        lambda rows, i: f"line {i + 1} (id {rows[i]['id']})", kind="jsonl"),
+    "preference.jsonl": Fmt("preference", "preference.jsonl", preference_rows,
+                            lambda r: r["images"] if "images" in r else [r["image"]], _preference_set,
+                            lambda rows, i: f"line {i + 1} (id {rows[i]['id']})", kind="jsonl"),
+    "preference.json": Fmt("preference", "preference.json", preference_rows,
+                           lambda r: r["images"] if "images" in r else [r["image"]], _preference_set,
+                           lambda rows, i: f"record {i} (id {rows[i]['id']})", kind="json"),
     "r2gen": Fmt("r2gen", "annotation.json", lambda: fixture("iu_xray/annotation.json")["train"][:3],
                  lambda r: r["image_path"], _r2gen_set, lambda rows, i: f"train[{i}] id {rows[i]['id']}",
                  root="images", kind="r2gen"),
@@ -383,6 +402,8 @@ def test_one_megabyte_text(tmp_path, capsys, drill, fid):
         row["conversations"][1]["value"] = long
     elif "report" in row:
         row["report"] = long
+    elif "chosen" in row:  # preference: the chosen response is the sample's .txt
+        row["chosen"] = long
     else:
         row["answer"] = long
     c.write()
@@ -482,7 +503,7 @@ def test_pairs_field_over_the_limit_is_one_bad_row(tmp_path, capsys, drill, fid)
                  first={"bad_row": f"{c.input.name} line 3 (field 2 is longer than {MAX_FIELD} characters)"})
 
 
-@pytest.mark.parametrize("fid", ["pairs.jsonl", "llava.jsonl"])
+@pytest.mark.parametrize("fid", ["pairs.jsonl", "llava.jsonl", "preference.jsonl"])
 def test_invalid_json_lines(tmp_path, capsys, drill, fid):
     fmt = FORMATS[fid]
     c = Case(tmp_path, fmt)
@@ -528,6 +549,62 @@ def test_llava_id_of_wrong_type(tmp_path, capsys, drill, rid, shown):
     with drill.input(f"llava.json: id {shown}"):
         c.expect(capsys, written=2, skipped={"bad_row": 1},
                  first={"bad_row": f"record 1 (id is {shown}, not a string)"})
+
+
+PREFERENCE_ROWS = [  # (case, mutation of row 1, skip reason, detail)
+    ("no chosen key", lambda r: r.pop("chosen"), "missing_response", "no chosen"),
+    ("rejected null", lambda r: r.update(rejected=None), "missing_response", "no rejected"),
+    ("chosen blank", lambda r: r.update(chosen=" \n"), "empty_response", "chosen is blank"),
+    ("rejected empty", lambda r: r.update(rejected=""), "empty_response", "rejected is blank"),
+    ("the same response twice", lambda r: r.update(rejected=" " + r["chosen"] + "\n"), "identical_pair", ""),
+    ("chosen a number", lambda r: r.update(chosen=3), "bad_row", "chosen is a number, not a string"),
+    ("rejected a list", lambda r: r.update(rejected=["a"]), "bad_row", "rejected is a list, not a string"),
+    ("prompt an object", lambda r: r.update(prompt={"q": 1}), "bad_row", "prompt is an object, not a string"),
+    ("prompt and conversations", lambda r: r.update(conversations=[{"from": "human", "value": "q"}]), "bad_row",
+     "prompt and conversations are both given; use one"),
+    ("image and images", lambda r: r.update(image="x.png"), "bad_row", "image and images are both given; use one"),
+    ("images holding null", lambda r: r.update(images=["a.png", None]), "bad_row", "images holds null, not a path"),
+    ("images a number", lambda r: r.update(images=5), "bad_row", "images holds a number, not a path"),
+    ("modality a list", lambda r: r.update(modality=["ct"]), "bad_row", "modality is a list, not a string"),
+    ("no prompt key", lambda r: r.pop("prompt"), "bad_conversation", "no prompt or conversations"),
+    ("blank prompt", lambda r: r.update(prompt="  "), "bad_conversation", "blank prompt"),
+    ("conversations a string", lambda r: (r.pop("prompt"), r.update(conversations="hi")), "bad_conversation",
+     "conversations is a string, not a list of turns"),
+    ("conversations ending with an answer", lambda r: (r.pop("prompt"), r.update(conversations=[
+        {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}])), "bad_conversation",
+     "the last turn is not a human turn with text"),
+    ("a turn's value a number", lambda r: (r.pop("prompt"), r.update(conversations=[{"from": "human", "value": 3}])),
+     "bad_conversation", "turn 0 is not an object with a known from and a string value"),
+    ("an empty answer turn", lambda r: (r.pop("prompt"), r.update(conversations=[
+        {"from": "human", "value": "q"}, {"from": "gpt", "value": " "}, {"from": "human", "value": "q2"}])),
+     "bad_conversation", "turn 1 is an empty answer"),
+    ("no image key", lambda r: r.pop("images"), "text_only", ""),
+    ("images an empty list", lambda r: r.update(images=[]), "text_only", ""),
+    ("one placeholder for two images", lambda r: r.update(prompt="<image>\nWrite the findings."),
+     "image_token_mismatch", "1 placeholder(s) for 2 image(s)"),
+    ("a placeholder in chosen", lambda r: r.update(chosen="<image> " + r["chosen"]), "image_token_mismatch",
+     "an image placeholder in chosen"),
+]
+
+
+@pytest.mark.parametrize("fid", ["preference.json", "preference.jsonl"])
+@pytest.mark.parametrize("case,mutate,reason,detail", PREFERENCE_ROWS, ids=[x[0] for x in PREFERENCE_ROWS])
+def test_preference_rows(tmp_path, capsys, drill, fid, case, mutate, reason, detail):
+    c = Case(tmp_path, FORMATS[fid])
+    mutate(c.rows[1])
+    c.write()
+    label = FORMATS[fid].label(c.rows, 1)
+    with drill.input(f"{fid}: {case}"):
+        c.expect(capsys, written=2, skipped={reason: 1}, first={reason: f"{label} ({detail})" if detail else label})
+
+
+@pytest.mark.parametrize("rid,shown", [(["a"], "a list"), (None, "null"), (True, "a boolean")])
+def test_preference_id_of_wrong_type(tmp_path, capsys, drill, rid, shown):
+    c = Case(tmp_path, FORMATS["preference.jsonl"])
+    c.rows[1]["id"] = rid
+    c.write()
+    with drill.input(f"preference.jsonl: id {shown}"):
+        c.expect(capsys, written=2, skipped={"bad_row": 1}, first={"bad_row": f"line 2 (id is {shown}, not a string)"})
 
 
 R2GEN_ROWS = [

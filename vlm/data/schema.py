@@ -7,7 +7,8 @@ A sample is one WebDataset key (``<source>-<id>``, unique within a folder, no do
     <key>.txt                    caption or report, UTF-8 (optional for instruction data)
     <key>.json                   metadata: source, modality, split, and optionally concepts
                                  ([{"name", "cui", "span": [start, end]}]), labels, conversations
-                                 (LLaVA format), qa (VQA records), num_images
+                                 (LLaVA format), qa (VQA records), num_images; preference pairs:
+                                 chosen, rejected (conversations = the prompt)
 
 Every shard folder has ``manifest.json``::
 

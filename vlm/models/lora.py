@@ -15,6 +15,7 @@ original architecture's again.
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 
 import torch.nn as nn
 
@@ -69,3 +70,23 @@ def merge_lora(model: nn.Module) -> int:
             setattr(parent, child, module.get_base_layer())
             merged += 1
     return merged
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module):
+    """The model without its adapters, in place: every adapter layer computes its base layer only, so a LoRA
+    policy is its own frozen reference (preference tuning) with no second copy in memory. Restored on exit.
+    Yields how many adapter layers were switched off (0: the model has none)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters]
+    flags = [{n: p.requires_grad for n, p in m.named_parameters()} for m in layers]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield len(layers)
+    finally:
+        for m, f in zip(layers, flags):
+            m.enable_adapters(True)
+            for n, p in m.named_parameters():  # enable_adapters also sets requires_grad: keep what was trained
+                p.requires_grad = f[n]

@@ -1,0 +1,62 @@
+"""One DPO step (LoRA on a tiny stock Qwen2-VL, reference = adapters off) with DDP on 2 gloo processes or one
+process; rank 0 saves the new weights and the step's loss. Each rank holds different pairs."""
+import sys
+
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from train.config import LLM_LORA_TARGET
+from train.distributed import all_reduce_mean, cleanup, init_distributed, parallelize
+from train.preference import PairCollate, PairSample, PreferenceTask
+from train.trainer import StepContext
+from vlm.data.chat import ChatConfig
+from vlm.data.stock_chat import StockCollate
+from vlm.models.stock import decoder_layers, stock_from_config
+from vlm.models.tiny_vlm import save_tiny_vlm
+from vlm.preference import PreferenceLossConfig
+
+PAIRS = [("Where is the nodule?", "In the right upper lung.", "In the left lower lung, unchanged since the prior."),
+         ("What modality?", "CT", "A chest x-ray"), ("Is there an effusion?", "No", "Yes, a large one on the left."),
+         ("Describe the findings.", "The lungs are clear.", "A mass")]
+
+
+def main(out: str, loss: str) -> None:
+    d = init_distributed()
+    folder = out + ".vlm"
+    if d.is_main:
+        save_tiny_vlm(folder, "qwen2_vl", seed=0)
+    if d.enabled:
+        torch.distributed.barrier()
+    torch.manual_seed(0)  # the same adapters on every rank
+    model, processor = stock_from_config({"vlm": folder, "dtype": "float32", "freeze": ["vision"],
+                                          "lora": {"r": 4, "alpha": 8, "target": LLM_LORA_TARGET}})
+    with torch.no_grad():  # adapters away from zero: the policy differs from its reference
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.fill_(0.02)
+    sample = PairSample(ChatConfig(), processor=processor)
+    pairs = []
+    for i, (q, c, r) in enumerate(PAIRS):
+        img = Image.new("RGB", (28 * (1 + i % 2), 56), (40 * i, 90, 200 - 30 * i))
+        pairs.append(sample({"key": str(i), "image": img, "views": [], "meta": {
+            "conversations": [{"from": "human", "value": "<image>\n" + q}], "chosen": c, "rejected": r}}))
+    mine = pairs[:1] if d.world_size == 2 and d.rank == 0 else pairs[1:] if d.world_size == 2 else pairs
+    wrapped = parallelize(model, d, "ddp", shard_modules=decoder_layers(model))
+    opt = torch.optim.SGD([p for p in wrapped.parameters() if p.requires_grad], lr=0.5)
+    batch = PairCollate(StockCollate(False, 0, processor.tokenizer.pad_token_id))(mine)
+    task = PreferenceTask(PreferenceLossConfig(loss=loss, beta=0.5), lora=True)
+    res = task.train_step(wrapped, [batch], StepContext(wrapped, d, "fp32"))
+    opt.step()
+    loss_ = all_reduce_mean(torch.tensor([res["loss"]]))
+    state = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if d.is_main:
+        save_file({k: v.contiguous() for k, v in state.items()} | {"loss": loss_}, out)
+    if d.enabled:
+        torch.distributed.barrier()
+    cleanup()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,353 @@
+"""Preference losses (vlm/preference.py): hand-computed cases, and parity with TRL (the peer, a test
+dependency) on the same tiny model and batch: DPO and IPO through TRL's DPOTrainer loss, SimPO and cDPO
+through TRL's CPO loss, ORPO through TRL's ORPO loss."""
+from __future__ import annotations
+
+import math
+import tempfile
+import types
+import warnings
+
+import pytest
+import torch
+
+from vlm.preference import PreferenceLossConfig, preference_loss, token_logps
+
+PI_W, PI_L, REF_W, REF_L, N_W, N_L = -2.0, -3.3, -2.5, -2.6, 2, 3
+
+
+def _t(*xs):
+    return torch.tensor(xs, dtype=torch.float64)
+
+
+def _ls(x):  # log sigmoid
+    return -math.log1p(math.exp(-x))
+
+
+@pytest.mark.parametrize("loss", ["dpo", "cdpo", "ipo", "simpo", "orpo"])
+def test_hand_computed(loss):
+    beta, eps, gamma = 0.1, 0.2 if loss == "cdpo" else 0.0, 0.5
+    cfg = PreferenceLossConfig(loss=loss, beta=beta, label_smoothing=eps, gamma=gamma)
+    delta = (PI_W - REF_W) - (PI_L - REF_L)  # 0.5 - (-0.7) = 1.2
+    if loss == "dpo":
+        want = -_ls(beta * delta)
+    elif loss == "cdpo":
+        want = -(1 - eps) * _ls(beta * delta) - eps * _ls(-beta * delta)
+    elif loss == "ipo":
+        want = ((PI_W - REF_W) / N_W - (PI_L - REF_L) / N_L - 1 / (2 * beta)) ** 2
+    elif loss == "simpo":
+        want = -_ls(beta * (PI_W / N_W - PI_L / N_L) - gamma)
+    else:
+        aw, al = PI_W / N_W, PI_L / N_L  # -1, -1.1
+        odds = (aw - al) - (math.log(1 - math.exp(aw)) - math.log(1 - math.exp(al)))
+        want = 1.7 / N_W - beta * _ls(odds)  # NLL 1.7 summed over the 2 chosen tokens
+    got, metrics = preference_loss(cfg, _t(PI_W), _t(PI_L), _t(N_W), _t(N_L), _t(REF_W), _t(REF_L), nll_w=_t(1.7))
+    assert got.item() == pytest.approx(want, rel=1e-12), loss
+    assert metrics["rewards/accuracy"].item() == 1.0
+
+
+def test_config_is_validated():
+    with pytest.raises(ValueError, match="loss must be one of"):
+        PreferenceLossConfig(loss="kto")
+    with pytest.raises(ValueError, match="cdpo needs label_smoothing"):
+        PreferenceLossConfig(loss="cdpo")
+    with pytest.raises(ValueError, match="needs the reference"):
+        preference_loss(PreferenceLossConfig(), _t(1), _t(1), _t(1), _t(1))
+
+
+def test_token_logps_masks_and_shifts():
+    logits = torch.randn(1, 4, 5)
+    labels = torch.tensor([[-100, 2, -100, 4]])
+    lp = token_logps(logits, labels)
+    ref = torch.log_softmax(logits, -1)
+    assert lp.shape == (1, 3)
+    assert lp[0, 0] == pytest.approx(float(ref[0, 0, 2])) and lp[0, 1] == 0 and lp[0, 2] == pytest.approx(float(ref[0, 2, 4]))
+
+
+# -- parity with TRL --------------------------------------------------------------------------------------------
+
+trl = pytest.importorskip("trl")
+
+
+@pytest.fixture(scope="module")
+def tiny_llm():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from vlm.models.tiny import train_tokenizer
+
+    tok = train_tokenizer("qwen2")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    folder = tempfile.mkdtemp()
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder, tok
+
+
+PAIRS = [{"prompt": "Is there a nodule in the right upper lung?", "chosen": "Yes, a small nodule.", "rejected": "No"},
+         {"prompt": "What imaging modality is this?", "chosen": "CT", "rejected": "A chest x-ray of the left side."},
+         {"prompt": "Describe the findings.", "chosen": "The lungs are clear.", "rejected": "A mass."}]
+
+
+def _ours(policy, ref, batch, cfg):
+    """Our loss on TRL's batch: rows [chosen..., rejected...], labels = completion tokens."""
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    lp = token_logps(policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, labels)
+    n = (labels[:, 1:] != -100).sum(1)
+    pi_w, pi_l = lp.sum(1).chunk(2)
+    n_w, n_l = n.chunk(2)
+    ref_w = ref_l = None
+    if cfg.needs_reference:
+        with torch.no_grad():
+            rl = token_logps(ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, labels)
+        ref_w, ref_l = rl.sum(1).chunk(2)
+    losses, _ = preference_loss(cfg, pi_w, pi_l, n_w, n_l, ref_w, ref_l, nll_w=-pi_w)
+    return losses.mean()
+
+
+@pytest.mark.parametrize("loss", ["dpo", "ipo"])
+def test_dpo_and_ipo_equal_trl_dpo_trainer(tiny_llm, loss):
+    """TRL's DPOTrainer computes its loss (and we take its gradients) on its own collated batch with a policy
+    that has moved away from the reference; ours on the same batch, policy and reference (TRL's own reference
+    model): equal to 1e-5."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    folder, tok = tiny_llm
+    warnings.filterwarnings("ignore")
+    args = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=3, report_to=[], beta=0.2,
+                     loss_type=["sigmoid" if loss == "dpo" else "ipo"], use_cpu=True, disable_tqdm=True)
+    trainer = DPOTrainer(model=folder, args=args, train_dataset=Dataset.from_list(PAIRS), processing_class=tok)
+    policy = trainer.model
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # the policy moves; the reference (TRL's own copy from the folder) does not
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    batch = next(iter(trainer.get_train_dataloader()))
+    policy.zero_grad()
+    theirs = trainer._compute_loss(policy, batch, False)
+    theirs.backward()
+    g_theirs = {n: p.grad.clone() for n, p in policy.named_parameters()}
+    policy.zero_grad()
+    mine = _ours(policy, trainer.ref_model, batch, PreferenceLossConfig(loss=loss, beta=0.2))
+    mine.backward()
+    assert mine.item() == pytest.approx(theirs.item(), rel=1e-5, abs=1e-6)
+    assert abs(mine.item() - math.log(2)) > 1e-3  # the policy differs from the reference: not the trivial value
+    for n, p in policy.named_parameters():
+        assert torch.allclose(p.grad, g_theirs[n], rtol=1e-4, atol=1e-6), n
+
+
+def _trl_self(**kw):
+    return types.SimpleNamespace(accelerator=types.SimpleNamespace(device=torch.device("cpu")), **kw)
+
+
+def test_simpo_and_cdpo_equal_trl_cpo_loss():
+    """TRL's CPO loss on precomputed log-probabilities: SimPO (average log-probs, gamma) and the conservative
+    sigmoid loss with label smoothing, which on the reference log-ratios is cDPO."""
+    from trl.experimental.cpo.cpo_trainer import CPOTrainer
+
+    g = torch.Generator().manual_seed(0)
+    pi_w, pi_l = -torch.rand(5, generator=g) * 20, -torch.rand(5, generator=g) * 20
+    ref_w, ref_l = -torch.rand(5, generator=g) * 20, -torch.rand(5, generator=g) * 20
+    n_w, n_l = torch.randint(1, 30, (5,), generator=g), torch.randint(1, 30, (5,), generator=g)
+    for leaf in (pi_w, pi_l):
+        leaf.requires_grad_(True)
+    ours, _ = preference_loss(PreferenceLossConfig(loss="simpo", beta=2.0, gamma=0.7), pi_w, pi_l, n_w, n_l)
+    theirs, _, _ = CPOTrainer.cpo_loss(_trl_self(alpha=0.0, loss_type="simpo", beta=2.0, simpo_gamma=0.7,
+                                                 label_smoothing=0.0), pi_w / n_w, pi_l / n_l)
+    assert torch.allclose(ours, theirs, rtol=1e-6)
+    ga = torch.autograd.grad(ours.sum(), [pi_w, pi_l])
+    gb = torch.autograd.grad(theirs.sum(), [pi_w, pi_l])
+    assert all(torch.allclose(a, b, rtol=1e-6) for a, b in zip(ga, gb))
+    ours, _ = preference_loss(PreferenceLossConfig(loss="cdpo", beta=0.3, label_smoothing=0.15), pi_w, pi_l, n_w, n_l,
+                              ref_w, ref_l)
+    theirs, _, _ = CPOTrainer.cpo_loss(_trl_self(alpha=0.0, loss_type="sigmoid", beta=0.3, simpo_gamma=0.0,
+                                                 label_smoothing=0.15), pi_w - ref_w, pi_l - ref_l)
+    assert torch.allclose(ours, theirs, rtol=1e-6)
+
+
+def test_orpo_equals_trl_odds_ratio_loss():
+    """TRL's ORPO: loss = NLL(chosen) - mean(beta * log sigmoid(log odds)) on average log-probabilities."""
+    from trl.experimental.orpo.orpo_trainer import ORPOTrainer
+
+    g = torch.Generator().manual_seed(1)
+    n_w, n_l = torch.randint(1, 30, (4,), generator=g), torch.randint(1, 30, (4,), generator=g)
+    pi_w = (-torch.rand(4, generator=g) * 3 * n_w).requires_grad_(True)
+    pi_l = (-torch.rand(4, generator=g) * 3 * n_l).requires_grad_(True)
+    nll = -pi_w  # the chosen tokens' NLL summed per pair
+    ours, _ = preference_loss(PreferenceLossConfig(loss="orpo", beta=0.25), pi_w, pi_l, n_w, n_l, nll_w=nll)
+    ratio_losses, *_ = ORPOTrainer.odds_ratio_loss(_trl_self(beta=0.25), pi_w / n_w, pi_l / n_l)
+    theirs = nll.sum() / n_w.sum() - ratio_losses.mean()
+    assert torch.allclose(ours.mean(), theirs, rtol=1e-6)
+    ga = torch.autograd.grad(ours.mean(), [pi_w, pi_l])
+    gb = torch.autograd.grad(theirs, [pi_w, pi_l])
+    assert all(torch.allclose(a, b, rtol=1e-5) for a, b in zip(ga, gb))
+
+
+# -- train.preference ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pref_assets(tmp_path_factory):
+    """A tiny stock Qwen2-VL folder, a tiny LLaVA assembly's parts (open_clip vision export, ChatML tokenizer),
+    and preference shards (16 pairs: the chosen answer names the right side, the rejected one the wrong side
+    and a prior-exam phrase)."""
+    import json
+
+    from PIL import Image
+
+    from data_prep.shards import main as shards_main
+    from vlm.hub import export_open_clip
+    from vlm.models.clip import MedCLIP
+    from vlm.models.tiny import train_tokenizer
+    from vlm.models.tiny_vlm import save_tiny_vlm
+
+    root = tmp_path_factory.mktemp("pref")
+    recs = []
+    for i in range(16):
+        Image.new("RGB", (32, 32), (i * 15 % 255, 90, 40)).save(root / f"img{i}.png")
+        right, wrong = ("right", "left") if i % 2 else ("left", "right")
+        recs.append({"id": f"p{i}", "image": f"img{i}.png", "prompt": "Where is the nodule?",
+                     "chosen": f"In the {right} upper lung.",
+                     "rejected": f"In the {wrong} lower lung, unchanged since the prior exam."})
+    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert shards_main(["--format", "preference", "--input", str(root / "pairs.jsonl"), "--out",
+                        str(root / "shards"), "--workers", "0", "--quiet"]) == 0
+    save_tiny_vlm(root / "qwen", "qwen2_vl")
+    import json as _json
+
+    arch = _json.loads((__import__("pathlib").Path(__file__).resolve().parents[1] / "configs/model/tiny-vit-text.json")
+                       .read_text())
+    arch.pop("_comment")
+    arch["vision_cfg"].update(image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    export_open_clip(MedCLIP(arch), root / "vision", [0.48145466, 0.4578275, 0.40821073],
+                     [0.26862954, 0.26130258, 0.27577711])
+    train_tokenizer("qwen2").save_pretrained(root / "tok")
+    return root
+
+
+def _pref_config(root, out, model: dict, loss: str = "dpo", steps: int = 6, lr: float = 5e-3, **extra) -> str:
+    import yaml
+
+    cfg = {"model": model, "chat": {"max_length": 256},
+           "data": {"sources": [{"path": str(root / "shards")}], "batch_size": 4, "num_workers": 0,
+                    "image": {"size": 32}},
+           "preference": {"loss": loss, "beta": 0.5, **({"label_smoothing": 0.1} if loss == "cdpo" else {})},
+           "optim": {"lr": lr, "warmup_steps": 1},
+           "train": {"output_dir": str(out), "steps": steps, "save_every": 3, "log_every": 1, "progress": False,
+                     "tensorboard": False, **extra}}
+    path = out.parent / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def _metrics(run):
+    import json
+
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+STOCK_LORA = lambda root: {"vlm": str(root / "qwen"), "freeze": ["vision"], "lora": {"r": 8, "alpha": 16}}  # noqa: E731
+
+
+def test_dpo_with_lora_learns_the_preference_on_a_stock_vlm(pref_assets, tmp_path):
+    """LoRA: the reference is the policy with adapters off (first step: loss log 2, margin 0), the margin and
+    the implicit-reward accuracy rise, the adapters and projector move, the frozen LLM and vision do not."""
+    from train.preference import main
+    from vlm.checkpoint import model_weights
+
+    run = tmp_path / "run"
+    assert main(["--config", _pref_config(pref_assets, run, STOCK_LORA(pref_assets))]) == 0
+    m = _metrics(run)
+    assert m[0]["loss"] == pytest.approx(math.log(2), abs=1e-4) and m[0]["rewards/margins"] == pytest.approx(0, abs=1e-5)
+    assert m[-1]["loss"] < 0.3 and m[-1]["rewards/margins"] > 1.0 and m[-1]["rewards/accuracy"] == 1.0
+    w3, w6 = model_weights(run / "checkpoints/step_00000003"), model_weights(run / "checkpoints/step_00000006")
+    moved = {k for k in w3 if not torch.equal(w3[k], w6[k])}
+    assert moved and all(".lora_" in k or k.startswith("model.visual.merger.") for k in moved), sorted(moved)[:5]
+
+
+def test_lora_reference_is_the_same_model_with_adapters_off(pref_assets):
+    """No second copy: the task holds no reference model; switching the adapters off gives the base model's
+    logits exactly, and switching them back restores the tuned logits and the trainable flags."""
+    from train.config import LLM_LORA_TARGET
+    from vlm.models.lora import adapters_disabled
+    from vlm.models.stock import load_stock_vlm, stock_from_config
+
+    model, processor = stock_from_config({"vlm": str(pref_assets / "qwen"), "dtype": "float32", "freeze": ["vision"],
+                                          "lora": {"r": 4, "alpha": 8, "target": LLM_LORA_TARGET}})
+    base, _ = load_stock_vlm(pref_assets / "qwen", dtype="float32")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.fill_(0.05)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        tuned = model(input_ids=ids).logits
+        with adapters_disabled(model) as n:
+            off = model(input_ids=ids).logits
+        again = model(input_ids=ids).logits
+        want = base(input_ids=ids).logits
+    assert n > 0 and torch.equal(off, want) and not torch.allclose(tuned, want) and torch.equal(again, tuned)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+@pytest.mark.parametrize("loss", ["cdpo", "simpo", "orpo", "ipo"])
+def test_every_loss_trains_the_llava_assembly_fully(pref_assets, tmp_path, loss):
+    """The LLaVA assembly at stage 2, full tuning: a frozen copy of the starting policy is the reference (DPO
+    family) or none (SimPO, ORPO); the loss is finite and the margin grows over 4 steps."""
+    from train.preference import main
+
+    model = {"vision": str(pref_assets / "vision"), "tokenizer": str(pref_assets / "tok"), "stage": 2,
+             "llm_config": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                            "num_attention_heads": 4, "num_key_value_heads": 2}}
+    run = tmp_path / loss
+    assert main(["--config", _pref_config(pref_assets, run, model, loss=loss, steps=4, lr=5e-4)]) == 0
+    m = _metrics(run)
+    assert all(math.isfinite(x["loss"]) for x in m)
+    assert m[-1]["rewards/margins"] > m[0]["rewards/margins"], [x["rewards/margins"] for x in m]
+
+
+def test_kill_and_resume_is_bit_identical(pref_assets, tmp_path):
+    """6 steps straight = a run SIGKILLed once its step-3 checkpoint is complete, resumed with train.resume=latest:
+    the same final weights, bit for bit."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from conftest import kill_after_checkpoint
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    run = [sys.executable, "-m", "train.preference", "--config"]  # every run alike: same threads, same kernels
+    r = subprocess.run([*run, _pref_config(pref_assets, straight, STOCK_LORA(pref_assets))], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = _pref_config(pref_assets, split, STOCK_LORA(pref_assets), resume="latest")
+    kill_after_checkpoint([*run, cfg], env, split / "checkpoints" / "step_00000003")
+    assert not (split / "checkpoints" / "step_00000006" / "COMPLETE").exists()
+    r = subprocess.run([*run, cfg], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and "resumed from" in r.stderr, r.stderr[-2000:]
+    a = load_file(straight / "checkpoints/step_00000006/model.safetensors")
+    b = load_file(split / "checkpoints/step_00000006/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_process_ddp_step_matches_one_process(tmp_path):
+    """DPO with a LoRA reference under DDP on 2 gloo processes, ranks holding 1 and 3 pairs: the same loss
+    (the mean over every pair of the step) and the same weights after the step as one process."""
+    from pathlib import Path
+
+    from conftest import one_and_two_processes
+
+    one, two = one_and_two_processes(Path(__file__).resolve().parent / "dist" / "preference_step.py", tmp_path, "dpo")
+    assert set(one) == set(two)
+    assert torch.allclose(one["loss"], two["loss"], atol=1e-6), (one["loss"], two["loss"])
+    assert abs(float(one["loss"]) - math.log(2)) > 1e-3
+    for k in one:
+        assert torch.allclose(one[k], two[k], atol=1e-6, rtol=1e-5), (k, (one[k] - two[k]).abs().max())

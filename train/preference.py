@@ -1,0 +1,244 @@
+"""Preference tuning of the assistant (DPO family) on preference shards, after SFT.
+
+    python -m data_prep.shards --format preference --input pairs.jsonl --image-root images/ --out shards/pairs
+    python -m train.preference --config FILE [key=value ...]
+    torchrun --nproc_per_node 8 -m train.preference --config FILE
+
+The model section is train.instruct's: the LLaVA assembly started from an SFT run (``model.init_from``,
+stage 2, full or LoRA) or a stock VLM (``model.vlm``). ``preference.loss``: dpo | ipo | cdpo | simpo | orpo
+(vlm/preference.py; parity with TRL tested). The reference is the frozen starting policy: with LoRA the
+same model with its adapters switched off (no second copy in memory), with full tuning a frozen copy
+(sharded like the policy under FSDP2); SimPO and ORPO need none. A pair's chosen and rejected responses
+go through the same forward (rows [chosen..., rejected...]), only the final response's tokens (and its
+end-of-turn token) count. Logged: loss, rewards of chosen and rejected, margins, accuracy of the implicit
+reward, log-probabilities. Same checkpoints, exact resume, DDP/FSDP2, skip counting as train.instruct;
+the loss is the mean over every pair of the step (all micro-batches and ranks).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from train.config import AssistantModelConfig, OptimConfig, TrainConfig, parse_run_config
+from train.distributed import cleanup, init_distributed
+from train.instruct import build_assistant, build_stock
+from train.trainer import StepContext, Trainer
+from vlm.data.chat import IGNORE, ChatConfig, SkipExample, encode, fit_length, normalize_conversation
+from vlm.data.shards import DataConfig, ShardLoader
+from vlm.preference import PreferenceLossConfig, preference_loss, token_logps
+from vlm.utils import cli, seed_everything, setup_logging
+
+log = logging.getLogger("train.preference")
+
+
+@dataclass
+class PreferenceRunConfig:
+    model: AssistantModelConfig = field(default_factory=AssistantModelConfig)
+    chat: ChatConfig = field(default_factory=ChatConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    preference: PreferenceLossConfig = field(default_factory=PreferenceLossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def last_turn_only(labels: list[int]) -> list[int]:
+    """Keep the labels of the final response only (its tokens and end of turn: the last contiguous run);
+    a multi-turn prompt's earlier answers are context, not what the pair compares."""
+    end = max((i for i, t in enumerate(labels) if t != IGNORE), default=-1)
+    if end < 0:
+        raise SkipExample("masking_failed", "the response has no token of its own")
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE:
+        start -= 1
+    return [t if start <= i <= end else IGNORE for i, t in enumerate(labels)]
+
+
+class PairSample:
+    """sample_fn (loader workers): a preference sample -> the chosen and the rejected conversation encoded
+    as train.instruct encodes them (the assembly's tokenizer or a stock VLM's processor)."""
+
+    def __init__(self, chat: ChatConfig, tokenizer=None, image_seq_len: int = 0, processor=None):
+        self.chat, self.tokenizer, self.n, self.processor = chat, tokenizer, image_seq_len, processor
+
+    def _encode(self, msgs, images):
+        if self.processor is not None:
+            from vlm.data.stock_chat import encode_stock
+
+            ex = encode_stock(msgs, images, self.processor, self.chat)
+            return {**ex, "labels": last_turn_only(ex["labels"])}
+        image_id = self.tokenizer.convert_tokens_to_ids(self.chat.image_token)
+        ids, labels = encode(msgs, self.tokenizer, self.chat, self.n)
+        ids, labels = fit_length(ids, labels, self.chat, image_id)
+        return {"input_ids": ids, "labels": last_turn_only(labels), "pixel_values": images}
+
+    def __call__(self, sample: dict):
+        meta = sample["meta"]
+        prompt, chosen, rejected = meta.get("conversations"), meta.get("chosen"), meta.get("rejected")
+        if not prompt or not isinstance(chosen, str) or not isinstance(rejected, str):
+            return "not_a_preference_pair"
+        images = [sample["image"], *sample["views"]]
+        out = {"key": sample["key"]}
+        try:
+            for name, response in (("chosen", chosen), ("rejected", rejected)):
+                conv = [*prompt, {"from": "gpt", "value": response}]
+                msgs = normalize_conversation(conv, len(images), self.chat.image_token)
+                out[name] = {"key": sample["key"], **self._encode(msgs, images)}
+        except SkipExample as e:
+            return e.reason
+        return out
+
+
+class PairCollate:
+    """Pairs -> one padded batch of rows [chosen_1..chosen_P, rejected_1..rejected_P]."""
+
+    def __init__(self, row_collate):
+        self.rows = row_collate
+
+    def __call__(self, pairs: list[dict]) -> dict:
+        batch = self.rows([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs])
+        batch["pairs"] = len(pairs)
+        batch["keys"] = [p["key"] for p in pairs]
+        return batch
+
+
+class PreferenceTask:
+    """Per-pair preference loss averaged over every pair of the step (all micro-batches, all ranks)."""
+
+    def __init__(self, cfg: PreferenceLossConfig, reference=None, lora: bool = False):
+        self.cfg, self.reference, self.lora = cfg, reference, lora
+
+    def _logps(self, model, inputs: dict, labels: torch.Tensor):
+        lp = token_logps(model(**inputs, use_cache=False).logits, labels)
+        return lp.sum(1), (labels[:, 1:] != IGNORE).sum(1)
+
+    def _reference(self, model, inputs, labels):
+        from train.distributed import unwrap
+        from vlm.models.lora import adapters_disabled
+
+        with torch.no_grad():
+            if self.reference is not None:
+                return self._logps(self.reference, inputs, labels)[0]
+            with adapters_disabled(unwrap(model)) as n:
+                if n == 0:
+                    raise RuntimeError("a LoRA reference needs adapters on the policy, found none")
+                return self._logps(model, inputs, labels)[0]
+
+    def train_step(self, model, batches: list[dict], ctx: StepContext) -> dict:
+        device = ctx.d.device
+        pairs = torch.tensor(float(sum(b["pairs"] for b in batches)), device=device)
+        if ctx.d.enabled:
+            dist.all_reduce(pairs)
+        pairs = pairs.clamp(min=1.0)
+        total = torch.zeros((), device=device)
+        sums: dict[str, torch.Tensor] = {}
+        for j, b in enumerate(batches):
+            inputs = {k: v.to(device) for k, v in b.items() if isinstance(v, torch.Tensor) and k != "labels"}
+            labels = b["labels"].to(device)
+            with ctx.no_sync(last=j == len(batches) - 1), ctx.autocast():
+                pi, n = self._logps(model, inputs, labels)
+                ref = self._reference(model, inputs, labels) if self.cfg.needs_reference else None
+                pi_w, pi_l = pi.chunk(2)
+                n_w, n_l = n.chunk(2)
+                ref_w, ref_l = ref.chunk(2) if ref is not None else (None, None)
+                losses, metrics = preference_loss(self.cfg, pi_w, pi_l, n_w, n_l, ref_w, ref_l, nll_w=-pi_w)
+                (losses.sum() * ctx.d.world_size / pairs).backward()
+            total = total + losses.detach().sum()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0) + v.sum()
+        out = {"loss": total * ctx.d.world_size / pairs}
+        local = float(sum(b["pairs"] for b in batches)) or 1.0
+        out.update({k: v / local for k, v in sums.items()})  # this rank's means (logged from rank 0)
+        return out
+
+    def after_step(self, model) -> None:
+        pass
+
+
+def build_run(cfg: PreferenceRunConfig, d) -> tuple[torch.nn.Module, dict]:
+    """The policy, its reference and everything else ``Trainer(model, **kwargs)`` needs."""
+    from train.instruct import InstructCollate
+
+    cfg.data.require_text = False
+    m = cfg.model
+    if cfg.chat.template == "plain":
+        raise ValueError("chat.template=plain is LLaVA's stage-1 format; preference tuning renders conversations "
+                         "with the chat template (chat.template=auto)")
+    if not m.vlm and m.stage != 2:
+        raise ValueError("preference tuning trains the LLM: model.stage=2 (full) or model.stage=2 with model.lora.r")
+    lora = m.lora.r > 0
+    if m.vlm:
+        from vlm.data.stock_chat import StockCollate
+        from vlm.models.stock import decoder_layers
+
+        model, processor = build_stock(cfg)  # (a train.instruct config section: same fields)
+        cfg.data.image.output = "pil"
+        pad = processor.tokenizer.pad_token_id
+        sample_fn = PairSample(cfg.chat, processor=processor)
+        rows = StockCollate(False, 0, pad if pad is not None else 0)
+        shard = decoder_layers(model)
+        saved = processor
+    else:
+        model, tokenizer = build_assistant(cfg)
+        sample_fn = PairSample(cfg.chat, tokenizer, int(model.config.image_seq_length))
+        rows = InstructCollate(False, 0, tokenizer.pad_token_id or 0)
+        lm_layers = getattr(model.model.language_model, "layers", None)
+        shard = (type(lm_layers[0]),) if lm_layers is not None and len(lm_layers) else ()
+        saved = tokenizer
+    reference = None
+    if cfg.preference.needs_reference and not lora:  # full tuning: a frozen copy of the starting policy
+        reference = copy.deepcopy(model).eval()
+        for p in reference.parameters():
+            p.requires_grad = False
+        if cfg.train.precision == "fp32":
+            reference.float()  # as the trainer casts the policy (a bf16 checkpoint computes in fp32)
+        reference.to(d.device)
+        if cfg.train.parallel in ("fsdp", "hsdp"):  # sharded like the policy: no full copy per rank
+            from train.distributed import parallelize
+
+            reference = parallelize(reference, d, cfg.train.parallel, shard, cfg.train.precision,
+                                    cfg.train.shard_group_size)
+    how = ("none needed" if not cfg.preference.needs_reference else
+           "the policy with its adapters switched off" if lora else "a frozen copy of the starting policy")
+    log.info("preference tuning: loss %s, beta %g; reference: %s", cfg.preference.loss, cfg.preference.beta, how)
+    loader = ShardLoader(cfg.data, rank=d.rank, world_size=d.world_size, sample_fn=sample_fn,
+                         collate_fn=PairCollate(rows))
+    task = PreferenceTask(cfg.preference, reference, lora)
+    return model, dict(task=task, loader=loader, cfg=cfg.train, optim_cfg=cfg.optim, d=d, run_config=cfg,
+                       shard_modules=shard, tokenizer=saved)
+
+
+@cli
+def main(argv=None) -> int:
+    cfg = parse_run_config("python -m train.preference", __doc__, PreferenceRunConfig, argv,
+                           "train.steps=100 preference.loss=dpo preference.beta=0.1")
+    d = init_distributed()
+    setup_logging(quiet=not d.is_main)
+    try:
+        seed_everything(cfg.train.seed)
+        model, kwargs = build_run(cfg, d)
+        seed_everything(cfg.train.seed + d.rank)
+        saved = kwargs.pop("tokenizer")
+        trainer = Trainer(model, **kwargs)
+        result = trainer.fit()
+        if d.is_main and result["preempted"]:
+            log.info("stopped at step %d by SIGTERM; continue with train.resume=latest", result["step"])
+        elif d.is_main:
+            from vlm.utils import atomic_write_text
+
+            saved.save_pretrained(trainer.out / ("processor" if cfg.model.vlm else "tokenizer"))
+            atomic_write_text(trainer.out / "result.json", json.dumps(
+                {"step": result["step"], "final_metrics": result["metrics"], "skipped": kwargs["loader"].skipped},
+                indent=1))
+    finally:
+        cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
