@@ -36,10 +36,15 @@ def score(args) -> dict:
     if not items:
         raise ValueError(f"{args.benchmark}: no questions in split {bench.split!r} (lang {args.lang})")
     preds, missing = read_predictions(args.predictions, "question_id", [it.qid for it in items], args.allow_missing)
-    scored = [score_question(it.qid, it.question, it.answer, preds.get(str(it.qid), ""), it.answer_type,
-                             it.categories) for it in items]
+    from vlm.grpo import extract_answer
+
+    # reasoning-style outputs (<think>...</think><answer>...</answer>) are scored on their answer: the same
+    # extraction the GRPO correctness reward reads
+    tagged = sum(1 for it in items if "<answer>" in preds.get(str(it.qid), "").lower())
+    scored = [score_question(it.qid, it.question, it.answer, extract_answer(preds.get(str(it.qid), "")),
+                             it.answer_type, it.categories) for it in items]
     result = {"benchmark": args.benchmark, "split": bench.split, "lang": args.lang, **aggregate(scored),
-              "num_missing": len(missing)}
+              "num_missing": len(missing), "num_answer_tags": tagged}
     if missing:
         log.warning("%d questions had no prediction and were scored as wrong", len(missing))
     if args.bootstrap:

@@ -133,3 +133,22 @@ def test_report_missing_split_and_ids(tmp_path, capsys):
     assert report_main(base + ["--split", "val"]) == 2
     assert "missing ids" in capsys.readouterr().err
     assert report_main(base + ["--split", "val", "--allow-missing", "--text", "raw"]) == 0
+
+
+def test_reasoning_outputs_are_scored_on_their_answer(slake_val, tmp_path):
+    """<think>...</think><answer>...</answer> predictions score as their answer (vlm.grpo.extract_answer, what the
+    GRPO reward reads): the reasoning may name the other option of a closed question without costing it."""
+    recs = [r for r in load_fixture("slake/validate.json") if r["q_lang"] == "en"]
+    plain = write_jsonl(tmp_path / "p.jsonl", [{"question_id": r["qid"], "text": str(r["answer"])} for r in recs])
+    tagged = write_jsonl(tmp_path / "t.jsonl", [
+        {"question_id": r["qid"], "text": f"<think>Is it yes or no? Not {r['answer']}, maybe no, maybe yes.</think>\n"
+                                          f"<answer>{r['answer']}</answer>"} for r in recs])
+    out_p, out_t = tmp_path / "p.json", tmp_path / "t.json"
+    for preds, out in ((plain, out_p), (tagged, out_t)):
+        assert vqa_main(["score", "--benchmark", "slake", "--data-root", str(slake_val), "--split", "val",
+                         "--predictions", str(preds), "--out", str(out), "--bootstrap", "0"]) == 0
+    p, t = json.loads(out_p.read_text()), json.loads(out_t.read_text())
+    assert t["num_answer_tags"] == len(recs) and p["num_answer_tags"] == 0
+    for key in ("closed_accuracy", "open_recall", "exact_match", "token_f1"):
+        assert t[key] == p[key] == 1.0
+    assert t["llava_med"] == p["llava_med"]

@@ -51,6 +51,10 @@ def test_config_is_validated():
         PreferenceLossConfig(loss="kto")
     with pytest.raises(ValueError, match="cdpo needs label_smoothing"):
         PreferenceLossConfig(loss="cdpo")
+    with pytest.raises(ValueError, match="label_smoothing applies to cdpo and simpo, not dpo"):
+        PreferenceLossConfig(loss="dpo", label_smoothing=0.2)
+    with pytest.raises(ValueError, match="does not apply to orpo"):
+        PreferenceLossConfig(loss="orpo", gamma=1.0)
     with pytest.raises(ValueError, match="needs the reference"):
         preference_loss(PreferenceLossConfig(), _t(1), _t(1), _t(1), _t(1))
 
@@ -212,6 +216,11 @@ def pref_assets(tmp_path_factory):
                      "chosen": f"In the {right} upper lung.",
                      "rejected": f"In the {wrong} lower lung, unchanged since the prior exam."})
     (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    sft = [{"id": r["id"], "image": r["image"], "conversations": [
+        {"from": "human", "value": "<image>\n" + r["prompt"]}, {"from": "gpt", "value": r["chosen"]}]} for r in recs]
+    (root / "sft.json").write_text(json.dumps(sft))
+    assert shards_main(["--format", "llava", "--input", str(root / "sft.json"), "--out", str(root / "sft_shards"),
+                        "--workers", "0", "--quiet"]) == 0
     assert shards_main(["--format", "preference", "--input", str(root / "pairs.jsonl"), "--out",
                         str(root / "shards"), "--workers", "0", "--quiet"]) == 0
     save_tiny_vlm(root / "qwen", "qwen2_vl")
@@ -265,7 +274,8 @@ def test_dpo_with_lora_learns_the_preference_on_a_stock_vlm(pref_assets, tmp_pat
     assert m[-1]["loss"] < 0.3 and m[-1]["rewards/margins"] > 1.0 and m[-1]["rewards/accuracy"] == 1.0
     w3, w6 = model_weights(run / "checkpoints/step_00000003"), model_weights(run / "checkpoints/step_00000006")
     moved = {k for k in w3 if not torch.equal(w3[k], w6[k])}
-    assert moved and all(".lora_" in k or k.startswith("model.visual.merger.") for k in moved), sorted(moved)[:5]
+    # only the adapters: the reference is this model with them off, so nothing else may move (the merger too)
+    assert moved and all(".lora_" in k for k in moved), sorted(k for k in moved if ".lora_" not in k)[:5]
 
 
 def test_lora_reference_is_the_same_model_with_adapters_off(pref_assets):
@@ -294,20 +304,82 @@ def test_lora_reference_is_the_same_model_with_adapters_off(pref_assets):
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
 
 
-@pytest.mark.parametrize("loss", ["cdpo", "simpo", "orpo", "ipo"])
-def test_every_loss_trains_the_llava_assembly_fully(pref_assets, tmp_path, loss):
+def _assembly(root, **llm):
+    return {"vision": str(root / "vision"), "tokenizer": str(root / "tok"), "stage": 2,
+            "llm_config": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                           "num_attention_heads": 4, "num_key_value_heads": 2, **llm}}
+
+
+@pytest.mark.parametrize("loss,precision", [("cdpo", "fp32"), ("simpo", "fp32"), ("orpo", "fp32"), ("ipo", "fp32"),
+                                            ("dpo", "bf16"), ("dpo", "bf16-master")])
+def test_every_loss_trains_the_llava_assembly_fully(pref_assets, tmp_path, loss, precision):
     """The LLaVA assembly at stage 2, full tuning: a frozen copy of the starting policy is the reference (DPO
-    family) or none (SimPO, ORPO); the loss is finite and the margin grows over 4 steps."""
+    family) or none (SimPO, ORPO); the loss is finite and the margin grows over 4 steps. The first step
+    compares identical models (dropout in the config is switched off; under bf16 the reference gets the
+    policy's dtypes): loss log 2 exactly, margin 0."""
     from train.preference import main
 
-    model = {"vision": str(pref_assets / "vision"), "tokenizer": str(pref_assets / "tok"), "stage": 2,
-             "llm_config": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                            "num_attention_heads": 4, "num_key_value_heads": 2}}
+    extra = {"fp32": {}, "bf16": {"precision": "bf16"}, "bf16-master": {"precision": "bf16", "master_dtype": "bf16"}}
     run = tmp_path / loss
-    assert main(["--config", _pref_config(pref_assets, run, model, loss=loss, steps=4, lr=5e-4)]) == 0
+    assert main(["--config", _pref_config(pref_assets, run, _assembly(pref_assets, attention_dropout=0.3), loss=loss,
+                                          steps=4, lr=5e-4, **extra[precision])]) == 0
     m = _metrics(run)
     assert all(math.isfinite(x["loss"]) for x in m)
     assert m[-1]["rewards/margins"] > m[0]["rewards/margins"], [x["rewards/margins"] for x in m]
+    if loss in ("dpo", "cdpo", "ipo"):
+        first = {"dpo": math.log(2), "cdpo": math.log(2), "ipo": (1 / (2 * 0.5)) ** 2}[loss]
+        assert m[0]["loss"] == pytest.approx(first, abs=1e-6) and m[0]["rewards/margins"] == 0.0
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_preference_after_a_lora_sft_run(pref_assets, tmp_path, lora):
+    """model.init_from a LoRA SFT run of the assembly: its adapters are put on, loaded and merged, then the
+    preference run tunes fully or with fresh adapters (first step: policy = reference, loss log 2)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from train.preference import main
+
+    sft = {"model": {**_assembly(pref_assets), "lora": {"r": 4, "alpha": 8}}, "chat": {"max_length": 256},
+           "data": {"sources": [{"path": str(pref_assets / "sft_shards")}], "batch_size": 4, "num_workers": 0,
+                    "require_text": False, "image": {"size": 32}},
+           "optim": {"lr": 5e-3, "warmup_steps": 1},
+           "train": {"output_dir": str(tmp_path / "sft"), "steps": 2, "progress": False, "tensorboard": False}}
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(sft))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "train.instruct", "--config", str(tmp_path / "sft.yaml")], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    model = {**_assembly(pref_assets), "init_from": str(tmp_path / "sft"), **({"lora": {"r": 4, "alpha": 8}} if lora else {})}
+    run = tmp_path / "pref"
+    assert main(["--config", _pref_config(pref_assets, run, model, steps=2, lr=5e-4)]) == 0
+    assert _metrics(run)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_a_pair_that_does_not_fit_is_skipped_not_cut(pref_assets):
+    """Truncating a pair could cut the response (the pair would compare an earlier answer of the prompt) or the
+    part that makes it the rejected one: a pair longer than chat.max_length is skipped as too_long."""
+    from PIL import Image
+
+    from train.preference import PairSample
+    from vlm.data.chat import ChatConfig
+    from vlm.models.stock import load_processor
+
+    processor = load_processor(pref_assets / "qwen")
+    sample = {"key": "k", "image": Image.new("RGB", (32, 32)), "views": [], "meta": {
+        "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A chest CT."},
+                          {"from": "human", "value": "Where is the nodule?"}],
+        "chosen": "In the right upper lung.", "rejected": "In the left lower lung, unchanged since the prior exam."}}
+    full = PairSample(ChatConfig(max_length=4096), processor=processor)(sample)
+    n = len(full["rejected"]["input_ids"])
+    assert PairSample(ChatConfig(max_length=n - 1), processor=processor)(sample) == "too_long"
+    ok = PairSample(ChatConfig(max_length=n), processor=processor)(sample)
+    decoded = processor.tokenizer.decode([t for t in ok["rejected"]["labels"] if t != -100])
+    assert decoded == "In the left lower lung, unchanged since the prior exam.<|im_end|>"
 
 
 def test_kill_and_resume_is_bit_identical(pref_assets, tmp_path):
@@ -338,14 +410,16 @@ def test_kill_and_resume_is_bit_identical(pref_assets, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_two_process_ddp_step_matches_one_process(tmp_path):
-    """DPO with a LoRA reference under DDP on 2 gloo processes, ranks holding 1 and 3 pairs: the same loss
-    (the mean over every pair of the step) and the same weights after the step as one process."""
+@pytest.mark.parametrize("loss", ["dpo", "orpo"])
+def test_two_process_ddp_step_matches_one_process(tmp_path, loss):
+    """DPO with a LoRA reference, and ORPO (its NLL a mean over the step's chosen tokens), under DDP on 2 gloo
+    processes, ranks holding 1 and 3 pairs: the same loss (the mean over every pair of the step) and the same
+    weights after the step as one process."""
     from pathlib import Path
 
     from conftest import one_and_two_processes
 
-    one, two = one_and_two_processes(Path(__file__).resolve().parent / "dist" / "preference_step.py", tmp_path, "dpo")
+    one, two = one_and_two_processes(Path(__file__).resolve().parent / "dist" / "preference_step.py", tmp_path, loss)
     assert set(one) == set(two)
     assert torch.allclose(one["loss"], two["loss"], atol=1e-6), (one["loss"], two["loss"])
     assert abs(float(one["loss"]) - math.log(2)) > 1e-3

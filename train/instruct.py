@@ -182,6 +182,22 @@ def build_stock(cfg: InstructRunConfig):
     return model, processor
 
 
+def init_adapters(model, ckpt, weights: dict) -> bool:
+    """A checkpoint of a LoRA run holds its adapters: put the same adapters (its config's model.lora) on the
+    LLM so that the weights load, to be merged right after. -> whether adapters were put on."""
+    from vlm.models.lora import ADAPTER_PARAM, inject_lora
+
+    if not any(ADAPTER_PARAM.search(k) for k in weights):
+        return False
+    state = json.loads((ckpt / "state.json").read_text())
+    lora = ((state.get("config") or {}).get("model") or {}).get("lora") or {}
+    if not lora.get("r"):
+        raise ValueError(f"{ckpt}: the weights hold adapters but its state.json names no model.lora")
+    inject_lora(model, "model.language_model.", lora["target"], lora["r"], lora["alpha"], lora.get("dropout", 0.0),
+                method=lora.get("method", "lora"))
+    return True
+
+
 def build_assistant(cfg: InstructRunConfig):
     from dataclasses import asdict
 
@@ -203,7 +219,13 @@ def build_assistant(cfg: InstructRunConfig):
         p = Path(m.init_from)
         if (p / "checkpoints").is_dir():
             p = list_checkpoints(p / "checkpoints")[-1]
-        load_weights_into(model, model_weights(p), f"model.init_from={m.init_from}")
+        weights = model_weights(p)
+        merge = init_adapters(model, p, weights)  # a LoRA SFT run: its adapters, merged once loaded
+        load_weights_into(model, weights, f"model.init_from={m.init_from}")
+        if merge:
+            from vlm.models.lora import merge_lora
+
+            log.info("model.init_from: %d adapter layers of the LoRA run merged into the weights", merge_lora(model))
     freeze_for_stage(model, m.stage, m.train_vision, train_llm=m.lora.r <= 0)  # LoRA: adapters on a frozen LLM
     if m.grad_checkpointing:
         enable_grad_checkpointing(model)

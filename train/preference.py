@@ -11,8 +11,11 @@ same model with its adapters switched off (no second copy in memory), with full 
 (sharded like the policy under FSDP2); SimPO and ORPO need none. A pair's chosen and rejected responses
 go through the same forward (rows [chosen..., rejected...]), only the final response's tokens (and its
 end-of-turn token) count. Logged: loss, rewards of chosen and rejected, margins, accuracy of the implicit
-reward, log-probabilities. Same checkpoints, exact resume, DDP/FSDP2, skip counting as train.instruct;
-the loss is the mean over every pair of the step (all micro-batches and ranks).
+reward, log-probabilities (means over every pair of the step, all ranks). With LoRA only the adapters train
+(the reference is the policy with them off). Dropout is off (disable_dropout). A pair longer than
+chat.max_length is skipped (too_long), never truncated. Same checkpoints, exact resume, DDP/FSDP2, skip
+counting as train.instruct; the loss is the mean over every pair of the step (all micro-batches and ranks),
+ORPO's NLL the mean over every chosen token of the step.
 """
 from __future__ import annotations
 
@@ -43,6 +46,8 @@ class PreferenceRunConfig:
     chat: ChatConfig = field(default_factory=ChatConfig)
     data: DataConfig = field(default_factory=DataConfig)
     preference: PreferenceLossConfig = field(default_factory=PreferenceLossConfig)
+    disable_dropout: bool = True  # dropout off in policy and reference (as TRL does): a stochastic reference or
+    #                               policy would make the first step's loss differ from log 2 for no reason
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -64,7 +69,12 @@ class PairSample:
     as train.instruct encodes them (the assembly's tokenizer or a stock VLM's processor)."""
 
     def __init__(self, chat: ChatConfig, tokenizer=None, image_seq_len: int = 0, processor=None):
-        self.chat, self.tokenizer, self.n, self.processor = chat, tokenizer, image_seq_len, processor
+        from dataclasses import replace
+
+        # a pair that does not fit is skipped (too_long), never truncated: a cut could remove the response (the
+        # pair would then compare an earlier answer of the prompt) or the part of it that makes it rejected
+        self.chat = replace(chat, overlong="drop")
+        self.tokenizer, self.n, self.processor = tokenizer, image_seq_len, processor
 
     def _encode(self, msgs, images):
         if self.processor is not None:
@@ -135,6 +145,13 @@ class PreferenceTask:
         if ctx.d.enabled:
             dist.all_reduce(pairs)
         pairs = pairs.clamp(min=1.0)
+        orpo = self.cfg.loss == "orpo"
+        if orpo:  # ORPO's NLL is a mean over every chosen token of the step, whatever the split
+            chosen = torch.tensor(float(sum(int((b["labels"][:b["pairs"], 1:] != IGNORE).sum()) for b in batches)),
+                                  device=device)
+            if ctx.d.enabled:
+                dist.all_reduce(chosen)
+            chosen = chosen.clamp(min=1.0)
         total = torch.zeros((), device=device)
         sums: dict[str, torch.Tensor] = {}
         for j, b in enumerate(batches):
@@ -146,18 +163,61 @@ class PreferenceTask:
                 pi_w, pi_l = pi.chunk(2)
                 n_w, n_l = n.chunk(2)
                 ref_w, ref_l = ref.chunk(2) if ref is not None else (None, None)
-                losses, metrics = preference_loss(self.cfg, pi_w, pi_l, n_w, n_l, ref_w, ref_l, nll_w=-pi_w)
-                (losses.sum() * ctx.d.world_size / pairs).backward()
-            total = total + losses.detach().sum()
+                losses, metrics = preference_loss(self.cfg, pi_w, pi_l, n_w, n_l, ref_w, ref_l,
+                                                  nll_w=torch.zeros_like(pi_w) if orpo else None)
+                step_loss = losses.sum() / pairs
+                if orpo:
+                    step_loss = step_loss - pi_w.sum() / chosen  # + the chosen tokens' NLL, step-wide mean
+                (step_loss * ctx.d.world_size).backward()
+            total = total + step_loss.detach() * pairs
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0) + v.sum()
         out = {"loss": total * ctx.d.world_size / pairs}
-        local = float(sum(b["pairs"] for b in batches)) or 1.0
-        out.update({k: v / local for k, v in sums.items()})  # this rank's means (logged from rank 0)
+        names = sorted(sums)
+        stacked = torch.stack([sums[k].float() for k in names])
+        if ctx.d.enabled:  # means over every pair of the step, on all ranks
+            dist.all_reduce(stacked)
+        out.update({k: v / pairs for k, v in zip(names, stacked)})
         return out
 
     def after_step(self, model) -> None:
         pass
+
+
+def disable_dropout(model) -> int:
+    """Every dropout of the model (attention, MLP, adapters) set to p=0. Returns how many."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout) and m.p > 0:
+            m.p, n = 0.0, n + 1
+        for key in ("attention_dropout", "attn_dropout", "dropout", "dropout_p"):  # attention kernels' dropout rates
+            if isinstance(getattr(m, key, None), float) and getattr(m, key) > 0:
+                setattr(m, key, 0.0)
+                n += 1
+    for c in {id(c): c for c in (model.config, *[getattr(model.config, k, None) for k in ("text_config",
+                                                                                             "vision_config")])
+              if c is not None}.values():
+        for key in ("attention_dropout", "dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+            if isinstance(getattr(c, key, None), float) and getattr(c, key) > 0:
+                setattr(c, key, 0.0)
+                n += 1
+    return n
+
+
+def cast_like_the_policy(reference, policy, train_cfg, d) -> None:
+    """Give the frozen reference the dtypes the trainer is about to give the policy (train.trainer's rule:
+    master_dtype for every weight, or for the trainable ones only under bf16 autocast with DDP), so that the
+    first step compares the policy with an identical reference (loss log 2)."""
+    master = torch.bfloat16 if train_cfg.master_dtype == "bf16" else torch.float32
+    only_trainable = train_cfg.precision == "bf16" and train_cfg.master_dtype == "fp32" and not (
+        train_cfg.parallel in ("fsdp", "hsdp") and d.enabled)
+    for r, p in zip(reference.parameters(), policy.parameters()):
+        if r.is_floating_point() and (p.requires_grad or not only_trainable):
+            r.data = r.data.to(master)
+    if not only_trainable:
+        for b in reference.buffers():
+            if b.is_floating_point():
+                b.data = b.data.to(master)
 
 
 def build_run(cfg: PreferenceRunConfig, d) -> tuple[torch.nn.Module, dict]:
@@ -190,13 +250,26 @@ def build_run(cfg: PreferenceRunConfig, d) -> tuple[torch.nn.Module, dict]:
         lm_layers = getattr(model.model.language_model, "layers", None)
         shard = (type(lm_layers[0]),) if lm_layers is not None and len(lm_layers) else ()
         saved = tokenizer
+    if lora and cfg.preference.needs_reference:
+        # the reference is this model with its adapters off: anything else that trained (a projector, the
+        # vision tower) would move the reference too, so only the adapters train
+        from vlm.models.lora import ADAPTER_PARAM
+
+        frozen = [n for n, p in model.named_parameters() if p.requires_grad and not ADAPTER_PARAM.search(n)]
+        for n, p in model.named_parameters():
+            if n in frozen:
+                p.requires_grad = False
+        if frozen:
+            log.info("LoRA reference = the policy with its adapters off: %d other trainable tensors (projector, "
+                     "vision) are frozen so that the reference stays the starting policy", len(frozen))
+    if cfg.disable_dropout:
+        disable_dropout(model)
     reference = None
     if cfg.preference.needs_reference and not lora:  # full tuning: a frozen copy of the starting policy
         reference = copy.deepcopy(model).eval()
+        cast_like_the_policy(reference, model, cfg.train, d)
         for p in reference.parameters():
             p.requires_grad = False
-        if cfg.train.precision == "fp32":
-            reference.float()  # as the trainer casts the policy (a bf16 checkpoint computes in fp32)
         reference.to(d.device)
         if cfg.train.parallel in ("fsdp", "hsdp"):  # sharded like the policy: no full copy per rank
             from train.distributed import parallelize

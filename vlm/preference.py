@@ -45,6 +45,11 @@ class PreferenceLossConfig:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.loss == "cdpo" and self.label_smoothing == 0:
             raise ValueError("loss=cdpo needs label_smoothing > 0 (with 0 it is dpo)")
+        if self.label_smoothing > 0 and self.loss not in ("cdpo", "simpo"):
+            raise ValueError(f"label_smoothing applies to cdpo and simpo, not {self.loss} (dpo with label smoothing "
+                             "is loss=cdpo)")
+        if self.gamma != 0.5 and self.loss != "simpo":
+            raise ValueError(f"gamma is SimPO's target margin; it does not apply to {self.loss}")
 
     @property
     def needs_reference(self) -> bool:
@@ -53,20 +58,24 @@ class PreferenceLossConfig:
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """logits (B, T, V), labels (B, T) -> per-token log-probabilities of the labels (B, T - 1) of the
-    next-token predictions, 0 where the label is ``ignore_index``. Computed in fp32."""
+    next-token predictions, 0 where the label is ``ignore_index``. Only the labelled positions are taken to
+    fp32 and normalised ((N, V), N the labelled tokens: a response, not the prompt and its image tokens)."""
     target = labels[:, 1:]
     mask = target != ignore_index
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    picked = torch.gather(logp, 2, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return picked * mask
+    picked = logits[:, :-1][mask].float()  # (N, V)
+    lp = picked.gather(1, target[mask].unsqueeze(1)).squeeze(1) - torch.logsumexp(picked, dim=-1)
+    out = torch.zeros(target.shape, dtype=lp.dtype, device=lp.device)
+    return out.masked_scatter(mask, lp)
 
 
 def preference_loss(cfg: PreferenceLossConfig, pi_w: torch.Tensor, pi_l: torch.Tensor, n_w: torch.Tensor,
                     n_l: torch.Tensor, ref_w: torch.Tensor | None = None, ref_l: torch.Tensor | None = None,
                     nll_w: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-    """-> (per-pair losses (P,), metrics). ``nll_w``: ORPO's per-pair summed chosen NLL (its mean over the
-    chosen tokens is taken here, over the pairs given). Metrics are detached per-pair tensors: rewards
-    of chosen and rejected, margins, reward accuracy, log-probs."""
+    """-> (per-pair losses (P,), metrics). ``nll_w``: ORPO's per-pair summed chosen NLL; its mean over the
+    chosen tokens of these pairs is added to every pair's loss (a trainer that splits a step over
+    micro-batches or ranks passes zeros and adds the NLL over the whole step's chosen tokens itself).
+    Metrics are detached per-pair tensors: rewards of chosen and rejected, margins, reward accuracy,
+    log-probs."""
     n_w, n_l = n_w.to(pi_w).clamp(min=1), n_l.to(pi_l).clamp(min=1)
     beta, eps = cfg.beta, cfg.label_smoothing
     if cfg.needs_reference:

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 import torch.nn as nn
 
 METHODS = ("lora", "dora", "rslora", "loha", "lokr")
+ADAPTER_PARAM = re.compile(r"\.(lora_|hada_|lokr_)")  # the parameters peft adds (lora_A/B, DoRA's lora_magnitude_vector)
 
 
 def peft_config(method: str, targets: list[str], r: int, alpha: int, dropout: float):

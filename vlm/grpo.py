@@ -1,0 +1,98 @@
+"""GRPO with verifiable rewards: group-normalised advantages, the clipped-ratio policy loss with a KL to the
+reference, and the reasoning format (``<think>...</think><answer>...</answer>``) reward and answer extraction.
+
+For each question, G answers are sampled; answer i gets reward r_i (correctness from the project's scorers,
+plus an optional format reward). Its advantage is ``A_i = (r_i - mean(r)) / (std(r) + 1e-4)`` over its group
+(``scale: group``; ``batch``: the std of the whole batch; ``none``: no division), std with Bessel's
+correction, as TRL computes it. Per completion token t of answer i, with ratio ``rho = exp(logp - logp_old)``:
+
+    loss_it = -min(rho * A_i, clip(rho, 1 - eps_low, 1 + eps_high) * A_i) + beta * KL_it
+    KL_it   = exp(logp_ref - logp) - (logp_ref - logp) - 1          (the k3 estimator, Schulman 2020)
+              times rho when ``kl_ratio_correction`` (TRL's default, DeepSeek-V3.2: the sampled tokens came
+              from the old policy, so the ratio makes the KL gradient the unbiased reverse-KL gradient)
+
+aggregated (``loss_type``) as ``grpo``: each answer's token mean, then the mean over answers (Shao et al.
+2024); ``bnpo``: the mean over every completion token of the batch; ``dr_grpo``: the token sum divided by
+answers x max_completion_length (Liu et al. 2025). Parity with TRL's GRPOTrainer loss on a fixed batch of
+samples and rewards is tested (tests/test_grpo.py).
+"""
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import torch
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
+_FORMAT = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL | re.IGNORECASE)
+
+
+def extract_answer(text: str) -> str:
+    """The answer of a reasoning-style output: the content of its last ``<answer>...</answer>`` (stripped);
+    an output without a complete answer tag is returned unchanged (a plain answer, scored as it always was). What eval scores and
+    what the GRPO correctness reward reads are this same function."""
+    found = _ANSWER.findall(text)
+    return found[-1].strip() if found else text
+
+
+def format_reward(text: str) -> float:
+    """1.0 for ``<think>...</think>`` followed by ``<answer>...</answer>`` and nothing else (whitespace
+    aside), each tag once; else 0.0."""
+    if not _FORMAT.match(text):
+        return 0.0
+    lower = text.lower()
+    return 1.0 if all(lower.count(t) == 1 for t in ("<think>", "</think>", "<answer>", "</answer>")) else 0.0
+
+
+def group_advantages(rewards: torch.Tensor, group: int, scale: str = "group") -> torch.Tensor:
+    """rewards (N,) in groups of ``group`` consecutive answers to the same question -> advantages (N,)."""
+    if group < 2 or rewards.numel() % group:
+        raise ValueError(f"{rewards.numel()} rewards do not form groups of {group} (group >= 2)")
+    r = rewards.float().view(-1, group)
+    adv = (r - r.mean(1, keepdim=True)).reshape(-1)
+    if scale == "group":
+        return adv / (r.std(1, keepdim=True).expand_as(r).reshape(-1) + 1e-4)
+    if scale == "batch":
+        return adv / (rewards.float().std() + 1e-4)
+    if scale == "none":
+        return adv
+    raise ValueError(f"scale must be group, batch or none, got {scale!r}")
+
+
+def grpo_loss(logps: torch.Tensor, old_logps: Optional[torch.Tensor], advantages: torch.Tensor,
+              mask: torch.Tensor, ref_logps: Optional[torch.Tensor] = None, beta: float = 0.0,
+              eps_low: float = 0.2, eps_high: Optional[float] = None, loss_type: str = "grpo",
+              max_completion_length: Optional[int] = None,
+              kl_ratio_correction: bool = True) -> tuple[torch.Tensor, dict]:
+    """logps / old_logps / ref_logps (B, T) per completion token, advantages (B,), mask (B, T) of completion
+    tokens -> (scalar loss, metrics). ``old_logps`` None: the policy that sampled is this one (one update
+    per generation): the ratio is 1 with the policy's gradient."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
+    mask = mask.to(logps.dtype)
+    old = logps.detach() if old_logps is None else old_logps
+    ratio = torch.exp(logps - old)
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + (eps_low if eps_high is None else eps_high))
+    adv = advantages.unsqueeze(1)
+    per_token = -torch.min(ratio * adv, clipped * adv)
+    kl = None
+    if beta != 0.0:
+        if ref_logps is None:
+            raise ValueError("beta > 0 needs the reference model's log-probabilities")
+        kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
+        per_token = per_token + beta * (kl * ratio if kl_ratio_correction else kl)
+    if loss_type == "grpo":
+        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1.0)).mean()
+    elif loss_type == "bnpo":
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    else:
+        if not max_completion_length:
+            raise ValueError("loss_type=dr_grpo needs max_completion_length")
+        loss = (per_token * mask).sum() / (per_token.shape[0] * max_completion_length)
+    n = mask.sum().clamp(min=1.0)
+    metrics = {"clip_ratio": (((ratio < 1 - eps_low) | (ratio > 1 + (eps_low if eps_high is None else eps_high)))
+                              .to(mask.dtype) * mask).sum().detach() / n}
+    if kl is not None:
+        metrics["kl"] = (kl * mask).sum().detach() / n
+    return loss, metrics
