@@ -331,30 +331,38 @@ def test_train_instruct_then_eval_on_a_stock_vlm(folders, synth_dir, tmp_path):
     assert json.loads((tmp_path / "ask.json").read_text())["kind"] == "transformers"
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_export_reloads_in_stock_transformers_with_identical_logits(folders, family, tmp_path):
-    """LoRA-tuned (adapters moved off zero, projector changed) -> export_stock -> stock AutoModelForImageTextToText
-    + AutoProcessor: the same logits as the tuned model with its adapters, in the family's own class."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
+def _tuned(folder, seed: int, conv, image):
+    """A stock VLM with LoRA on its LLM, the adapters and the projector moved off their start (seeded), one
+    conversation's inputs and the tuned model's logits on them -> (model, processor, inputs, logits)."""
     from train.config import LLM_LORA_TARGET
     from vlm.data.stock_chat import encode_stock
-    from vlm.models.stock import export_stock, stock_from_config, vlm_parts
+    from vlm.models.stock import stock_from_config, vlm_parts
 
-    model, processor = stock_from_config({"vlm": str(folders[family]), "dtype": "float32", "freeze": ["vision"],
+    model, processor = stock_from_config({"vlm": str(folder), "dtype": "float32", "freeze": ["vision"],
                                           "lora": {"r": 4, "alpha": 8, "target": LLM_LORA_TARGET}})
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     proj = vlm_parts(model)["projector"]
     with torch.no_grad():
         for n, p in model.named_parameters():
             if ".lora_" in n or any(n.startswith(q) for q in proj):
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
     model.eval()
-    ex = encode_stock(CONVS[1], [IMAGES[0]], processor, ChatConfig())
+    ex = encode_stock(conv, [image], processor, ChatConfig())
     inputs = {"input_ids": torch.tensor([ex["input_ids"]]), **{k: torch.tensor([v]) for k, v in ex["tokens"].items()},
               **ex["images"]}
     with torch.no_grad():
-        tuned = model(**inputs).logits
+        return model, processor, inputs, model(**inputs).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_reloads_in_stock_transformers_with_identical_logits(folders, family, tmp_path):
+    """LoRA-tuned (adapters moved off zero, projector changed) -> export_stock -> stock AutoModelForImageTextToText
+    + AutoProcessor: the same logits as the tuned model with its adapters, in the family's own class."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vlm.models.stock import export_stock
+
+    model, processor, inputs, tuned = _tuned(folders[family], 0, CONVS[1], IMAGES[0])
     out = export_stock(model, processor, tmp_path / "export")
     stock = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=False).eval()
     assert type(stock).__name__ == type(model).__name__
@@ -473,24 +481,9 @@ def test_adapter_folder_loads_onto_the_stock_base_with_peft(folders, family, tmp
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
-    from train.config import LLM_LORA_TARGET
-    from vlm.data.stock_chat import encode_stock
-    from vlm.models.stock import export_adapter, stock_from_config, vlm_parts
+    from vlm.models.stock import export_adapter
 
-    model, processor = stock_from_config({"vlm": str(folders[family]), "dtype": "float32", "freeze": ["vision"],
-                                          "lora": {"r": 4, "alpha": 8, "target": LLM_LORA_TARGET}})
-    g = torch.Generator().manual_seed(1)
-    proj = vlm_parts(model)["projector"]
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if ".lora_" in n or any(n.startswith(q) for q in proj):
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-    model.eval()
-    ex = encode_stock(CONVS[0], [IMAGES[2]], processor, ChatConfig())
-    inputs = {"input_ids": torch.tensor([ex["input_ids"]]), **{k: torch.tensor([v]) for k, v in ex["tokens"].items()},
-              **ex["images"]}
-    with torch.no_grad():
-        tuned = model(**inputs).logits
+    model, processor, inputs, tuned = _tuned(folders[family], 1, CONVS[0], IMAGES[2])
     folder = export_adapter(model, str(folders[family]), tmp_path / "adapter")
     assert json.loads((folder / "adapter_config.json").read_text())["modules_to_save"]
     base = AutoModelForImageTextToText.from_pretrained(folders[family], trust_remote_code=False, dtype=torch.float32)

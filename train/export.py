@@ -25,7 +25,7 @@ import logging
 import sys
 from pathlib import Path
 
-from vlm.utils import cli, setup_logging
+from vlm.utils import atomic_folder, cli, setup_logging
 
 log = logging.getLogger("train.export")
 
@@ -94,21 +94,17 @@ def export_assistant(args) -> Path:
     model.generation_config.eos_token_id = end_of_turn_ids(tokenizer)  # stop at the end of the assistant turn
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     out = Path(args.out)
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    (tmp / "README.md").write_text(
-        f"---\nlibrary_name: transformers\npipeline_tag: image-text-to-text\ntags: [medical, llava]\n---\n\n"
-        f"# {args.name or out.name}\n\nA LLaVA-style medical assistant trained with this repository's train.instruct "
-        f"(stage {cfg.model.stage}, {state['step']} steps{', LoRA merged' if merged else ''}). Load it with stock "
-        f"transformers:\n\n```python\nfrom transformers import AutoModelForImageTextToText, AutoProcessor\n"
-        f"model = AutoModelForImageTextToText.from_pretrained('PATH')\nprocessor = AutoProcessor.from_pretrained('PATH')"
-        f"\n```\n\nResearch use only; not a medical device.\n")
-    import shutil
-
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_folder(out) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        (tmp / "README.md").write_text(
+            f"---\nlibrary_name: transformers\npipeline_tag: image-text-to-text\ntags: [medical, llava]\n---\n\n"
+            f"# {args.name or out.name}\n\nA LLaVA-style medical assistant trained with this repository's "
+            f"train.instruct (stage {cfg.model.stage}, {state['step']} steps{', LoRA merged' if merged else ''}). "
+            f"Load it with stock "
+            f"transformers:\n\n```python\nfrom transformers import AutoModelForImageTextToText, AutoProcessor\n"
+            f"model = AutoModelForImageTextToText.from_pretrained('PATH')\n"
+            f"processor = AutoProcessor.from_pretrained('PATH')\n```\n\nResearch use only; not a medical device.\n")
     log.info("transformers folder -> %s", out)
     return out
 

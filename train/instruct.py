@@ -277,15 +277,14 @@ def build_run(cfg: InstructRunConfig, d) -> tuple[torch.nn.Module, dict]:
                        lr_scales=scales, shard_modules=shard, tokenizer=saved)
 
 
-@cli
-def main(argv=None) -> int:
-    cfg = parse_run_config("python -m train.instruct", __doc__, InstructRunConfig, argv,
-                           "train.steps=100 model.stage=2")
-    d = init_distributed()
+def run(cfg, build, d) -> int:
+    """What train.instruct and train.preference run once their config is parsed: build (the same initial
+    weights on every rank, FSDP2 shards them as built), train, and on rank 0 save the tokenizer / processor
+    and result.json (not after a SIGTERM: a finished run only)."""
     setup_logging(quiet=not d.is_main)
     try:
-        seed_everything(cfg.train.seed)  # the same initial weights on every rank (FSDP2 shards them as built)
-        model, kwargs = build_run(cfg, d)
+        seed_everything(cfg.train.seed)
+        model, kwargs = build(cfg, d)
         seed_everything(cfg.train.seed + d.rank)
         tokenizer = kwargs.pop("tokenizer")
         trainer = Trainer(model, **kwargs)
@@ -302,6 +301,13 @@ def main(argv=None) -> int:
     finally:
         cleanup()
     return 0
+
+
+@cli
+def main(argv=None) -> int:
+    cfg = parse_run_config("python -m train.instruct", __doc__, InstructRunConfig, argv,
+                           "train.steps=100 model.stage=2")
+    return run(cfg, build_run, init_distributed())
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ ORPO's NLL the mean over every chosen token of the step.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -29,13 +28,13 @@ import torch
 import torch.distributed as dist
 
 from train.config import AssistantModelConfig, OptimConfig, TrainConfig, parse_run_config
-from train.distributed import cleanup, init_distributed
-from train.instruct import build_assistant, build_stock
-from train.trainer import StepContext, Trainer
+from train.distributed import init_distributed
+from train.instruct import build_assistant, build_stock, run
+from train.trainer import StepContext
 from vlm.data.chat import IGNORE, ChatConfig, SkipExample, encode, fit_length, normalize_conversation
 from vlm.data.shards import DataConfig, ShardLoader
 from vlm.preference import PreferenceLossConfig, preference_loss, token_logps
-from vlm.utils import cli, seed_everything, setup_logging
+from vlm.utils import cli
 
 log = logging.getLogger("train.preference")
 
@@ -290,27 +289,7 @@ def build_run(cfg: PreferenceRunConfig, d) -> tuple[torch.nn.Module, dict]:
 def main(argv=None) -> int:
     cfg = parse_run_config("python -m train.preference", __doc__, PreferenceRunConfig, argv,
                            "train.steps=100 preference.loss=dpo preference.beta=0.1")
-    d = init_distributed()
-    setup_logging(quiet=not d.is_main)
-    try:
-        seed_everything(cfg.train.seed)
-        model, kwargs = build_run(cfg, d)
-        seed_everything(cfg.train.seed + d.rank)
-        saved = kwargs.pop("tokenizer")
-        trainer = Trainer(model, **kwargs)
-        result = trainer.fit()
-        if d.is_main and result["preempted"]:
-            log.info("stopped at step %d by SIGTERM; continue with train.resume=latest", result["step"])
-        elif d.is_main:
-            from vlm.utils import atomic_write_text
-
-            saved.save_pretrained(trainer.out / ("processor" if cfg.model.vlm else "tokenizer"))
-            atomic_write_text(trainer.out / "result.json", json.dumps(
-                {"step": result["step"], "final_metrics": result["metrics"], "skipped": kwargs["loader"].skipped},
-                indent=1))
-    finally:
-        cleanup()
-    return 0
+    return run(cfg, build_run, init_distributed())
 
 
 if __name__ == "__main__":

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Optional
 
 from safetensors.torch import save_file
+
+from vlm.utils import atomic_folder
 
 log = logging.getLogger(__name__)
 
@@ -23,33 +24,27 @@ def export_open_clip(model, out: str | Path, image_mean: list[float], image_std:
                      card: Optional[str] = None) -> Path:
     """Write ``model`` (a MedCLIP) as an open_clip folder; returns the folder."""
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    arch = json.loads(json.dumps(model.arch))
-    text = arch["text_cfg"]
-    if "hf_model_name" in text:
-        text["hf_model_pretrained"] = False  # the weights are in this folder, not on the hub
-        if Path(text["hf_model_name"]).is_dir():  # a local tower: open_clip needs its config at load time
-            text["hf_model_name"] = str(Path(text["hf_model_name"]).resolve())
-            log.warning("the text tower is a local folder (%s): the export refers to it by absolute path",
-                        text["hf_model_name"])
-        from vlm.models.clip import build_tokenizer
+    with atomic_folder(out) as tmp:
+        arch = json.loads(json.dumps(model.arch))
+        text = arch["text_cfg"]
+        if "hf_model_name" in text:
+            text["hf_model_pretrained"] = False  # the weights are in this folder, not on the hub
+            if Path(text["hf_model_name"]).is_dir():  # a local tower: open_clip needs its config at load time
+                text["hf_model_name"] = str(Path(text["hf_model_name"]).resolve())
+                log.warning("the text tower is a local folder (%s): the export refers to it by absolute path",
+                            text["hf_model_name"])
+            from vlm.models.clip import build_tokenizer
 
-        build_tokenizer(model.arch).tokenizer.save_pretrained(tmp)  # open_clip's local-dir reads these
-    fill = int(round(255 * sum(image_mean) / 3))
-    config = {"model_cfg": arch,
-              "preprocess_cfg": {"size": model.image_size, "mean": list(image_mean), "std": list(image_std),
-                                 "interpolation": "bilinear", "resize_mode": "longest", "fill_color": fill}}
-    (tmp / "open_clip_config.json").write_text(json.dumps(config, indent=1))
-    state = {k: v.detach().contiguous().cpu() for k, v in model.clip.state_dict().items()}
-    save_file(state, tmp / "open_clip_model.safetensors")
-    if card:
-        (tmp / "README.md").write_text(card)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+            build_tokenizer(model.arch).tokenizer.save_pretrained(tmp)  # open_clip's local-dir reads these
+        fill = int(round(255 * sum(image_mean) / 3))
+        config = {"model_cfg": arch,
+                  "preprocess_cfg": {"size": model.image_size, "mean": list(image_mean), "std": list(image_std),
+                                     "interpolation": "bilinear", "resize_mode": "longest", "fill_color": fill}}
+        (tmp / "open_clip_config.json").write_text(json.dumps(config, indent=1))
+        state = {k: v.detach().contiguous().cpu() for k, v in model.clip.state_dict().items()}
+        save_file(state, tmp / "open_clip_model.safetensors")
+        if card:
+            (tmp / "README.md").write_text(card)
     return out
 
 

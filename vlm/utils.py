@@ -4,7 +4,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,3 +105,20 @@ def torchrun_env() -> Dist:
         device = torch.device("cpu")
     world = int(os.environ.get("WORLD_SIZE", 1))
     return Dist(int(os.environ.get("RANK", 0)), world, local, device, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+
+
+@contextmanager
+def atomic_folder(out):
+    """Write a folder in ``OUT.tmp`` (cleared first; yielded) and put it in place of OUT once the block ends
+    without an error. The old OUT is moved aside before and removed only after the rename, so a crash leaves
+    the old folder or the new one in place, never a half-written OUT (at worst a .tmp or .old beside it)."""
+    out = Path(out)
+    tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)

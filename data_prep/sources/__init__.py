@@ -135,6 +135,39 @@ def load_json(path, what: str):
         raise SourceError(f"{p}: {e}") from None
 
 
+def json_records(path, layout: str) -> list[tuple[str, object]]:
+    """A record file: JSONL (rows ``line N``, bad JSON already a ``BadRow``) or a JSON list (``record N``).
+    ``layout`` completes the error for any other JSON: "<path>: <layout>, found <type>"."""
+    if str(path).endswith((".jsonl", ".ndjson")):
+        return load_table(path)[1]
+    data = load_json(path, "--input")
+    if not isinstance(data, list):
+        raise SourceError(f"{path}: {layout}, found {type_name(data)}")
+    return [(f"record {i}", r) for i, r in enumerate(data)]
+
+
+def record_label(where: str, i: int, r) -> str:
+    """``record 3 (id 1234)`` / ``line 3 (id p7)``, or the position alone when the id is unusable."""
+    rid = r.get("id", i) if isinstance(r, dict) else None
+    ok = isinstance(rid, (str, int)) and not isinstance(rid, bool)
+    return f"{where} (id {str(rid)[:80]})" if ok else where
+
+
+def record_id(where: str, i: int, r):
+    """A record's id (its position when it has none), or the ``bad_row`` Rejected of a row that is not an
+    object (a BadRow included) or whose id is not a string or number."""
+    from data_prep.writer import Rejected
+
+    if isinstance(r, BadRow):
+        return Rejected("bad_row", where, r.detail)
+    if not isinstance(r, dict):
+        return Rejected("bad_row", where, f"{type_name(r)}, not an object")
+    rid = r.get("id", i)
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+        return Rejected("bad_row", where, f"id is {type_name(rid)}, not a string")
+    return rid
+
+
 def type_name(v) -> str:
     if v is None:
         return "null"

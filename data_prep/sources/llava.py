@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data_prep.sources import (BadField, BadRow, SourceError, each_row, file_ref, image_root, load_json, load_table,
-                               path_list, resolve_inside, text_field, type_name)
+from data_prep.sources import (BadField, SourceError, each_row, file_ref, image_root, json_records, path_list,
+                               record_id, record_label, resolve_inside, text_field)
 from data_prep.sources.dicom import dicom_options
 from data_prep.writer import Record, Rejected
 from vlm.data.schema import sanitize_key
@@ -26,35 +26,17 @@ from vlm.data.schema import sanitize_key
 ROLES = {"human", "gpt", "user", "assistant", "system"}
 
 
-def _records(path) -> list[tuple[str, object]]:
-    if str(path).endswith((".jsonl", ".ndjson")):
-        return load_table(path)[1]
-    data = load_json(path, "--input")
-    if not isinstance(data, list):
-        raise SourceError(f"{path}: a LLaVA file is a JSON list of records, found {type_name(data)}")
-    return [(f"record {i}", r) for i, r in enumerate(data)]
-
-
 def read(opts):
-    rows = _records(opts.input)
+    rows = json_records(opts.input, "a LLaVA file is a JSON list of records")
     if rows and not any(isinstance(r, dict) and "conversations" in r for _, r in rows[:100]):
         raise SourceError(f"{opts.input}: no 'conversations' key in the first records; is this a LLaVA file?")
     root = image_root(opts, Path(opts.input).parent)
     dcm = dicom_options(opts)  # validates --window before anything is written (.dcm images)
 
-    def label_of(where, i, r):  # "record 3 (id 1234)", or the position alone when the id is unusable
-        rid = r.get("id", i) if isinstance(r, dict) else None
-        ok = isinstance(rid, (str, int)) and not isinstance(rid, bool)
-        return f"{where} (id {str(rid)[:80]})" if ok else where
-
     def row_item(label, where, i, r):
-        if isinstance(r, BadRow):
-            return Rejected("bad_row", where, r.detail)
-        if not isinstance(r, dict):
-            return Rejected("bad_row", where, f"{type_name(r)}, not an object")
-        rid = r.get("id", i)
-        if isinstance(rid, bool) or not isinstance(rid, (str, int)):
-            return Rejected("bad_row", where, f"id is {type_name(rid)}, not a string")
+        rid = record_id(where, i, r)
+        if isinstance(rid, Rejected):
+            return rid
         conv = r.get("conversations")
         if not isinstance(conv, list) or not conv or not all(
                 isinstance(t, dict) and t.get("from") in ROLES and isinstance(t.get("value"), str) for t in conv):
@@ -79,4 +61,5 @@ def read(opts):
         return Record(key, [file_ref(p, x, opts, dcm) for p, x in zip(paths, images)], answer, meta, label)
 
     # one record's unforeseen exception is its error skip (each_row), named as its other skips are
-    return each_row(((label_of(where, i, r), where, i, r) for i, (where, r) in enumerate(rows)), row_item), len(rows)
+    labelled = ((record_label(where, i, r), where, i, r) for i, (where, r) in enumerate(rows))
+    return each_row(labelled, row_item), len(rows)

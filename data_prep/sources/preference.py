@@ -43,8 +43,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data_prep.sources import (BadField, BadRow, SourceError, each_row, file_ref, image_root, load_json, load_table,
-                               path_list, resolve_inside, text_field, type_name)
+from data_prep.sources import (BadField, SourceError, each_row, file_ref, image_root, json_records, path_list,
+                               record_id, record_label, resolve_inside, text_field, type_name)
 from data_prep.sources.dicom import dicom_options
 from data_prep.sources.llava import ROLES
 from data_prep.writer import Record, Rejected
@@ -53,16 +53,6 @@ from vlm.data.schema import sanitize_key
 IMAGE = "<image>"  # LLaVA's placeholder, the default chat.image_token (vlm.data.chat.IMAGE_TOKEN)
 HUMAN, ANSWER = ("human", "user"), ("gpt", "assistant")
 CONSUMED = ("id", "image", "images", "prompt", "conversations", "chosen", "rejected")
-
-
-def _records(path) -> list[tuple[str, object]]:
-    """JSONL (``line N``, bad JSON already a ``BadRow``) or a JSON list (``record N``)."""
-    if str(path).endswith((".jsonl", ".ndjson")):
-        return load_table(path)[1]
-    data = load_json(path, "--input")
-    if not isinstance(data, list):
-        raise SourceError(f"{path}: a preference file is JSONL or a JSON list of records, found {type_name(data)}")
-    return [(f"record {i}", r) for i, r in enumerate(data)]
 
 
 def _given(r: dict, key: str) -> bool:
@@ -146,7 +136,7 @@ def _place_images(conv: list[dict], chosen: str, rejected: str, n: int) -> list[
 
 
 def read(opts):
-    rows = _records(opts.input)
+    rows = json_records(opts.input, "a preference file is JSONL or a JSON list of records")
     if rows and not any(isinstance(r, dict) and ("chosen" in r or "rejected" in r) for _, r in rows[:100]):
         raise SourceError(f"{opts.input}: no 'chosen' or 'rejected' key in the first records; is this a preference "
                           "file?")
@@ -154,19 +144,10 @@ def read(opts):
     dcm = dicom_options(opts)  # validates --window before anything is written (.dcm images)
     source = opts.source_name or "preference"
 
-    def label_of(where, i, r):  # "line 3 (id p7)", or the position alone when the id is unusable
-        rid = r.get("id", i) if isinstance(r, dict) else None
-        ok = isinstance(rid, (str, int)) and not isinstance(rid, bool)
-        return f"{where} (id {str(rid)[:80]})" if ok else where
-
     def row_item(label, where, i, r):
-        if isinstance(r, BadRow):
-            return Rejected("bad_row", where, r.detail)
-        if not isinstance(r, dict):
-            return Rejected("bad_row", where, f"{type_name(r)}, not an object")
-        rid = r.get("id", i)
-        if isinstance(rid, bool) or not isinstance(rid, (str, int)):
-            return Rejected("bad_row", where, f"id is {type_name(rid)}, not a string")
+        rid = record_id(where, i, r)
+        if isinstance(rid, Rejected):
+            return rid
         try:
             images = _check_types(r)
             modality, split = text_field(r, "modality"), text_field(r, "split")
@@ -190,4 +171,5 @@ def read(opts):
                       chosen, meta, label)
 
     # one record's unforeseen exception is its error skip (each_row), named as its other skips are
-    return each_row(((label_of(where, i, r), where, i, r) for i, (where, r) in enumerate(rows)), row_item), len(rows)
+    labelled = ((record_label(where, i, r), where, i, r) for i, (where, r) in enumerate(rows))
+    return each_row(labelled, row_item), len(rows)

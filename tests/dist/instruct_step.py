@@ -4,8 +4,6 @@ the loss must still be the token mean over the whole global batch."""
 import sys
 
 import torch
-from safetensors.torch import save_file
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from train.distributed import all_reduce_mean, cleanup, init_distributed, parallelize
 from train.instruct import InstructCollate, InstructTask
@@ -13,6 +11,8 @@ from train.trainer import StepContext
 from vlm.data.chat import IGNORE
 from vlm.models.clip import MedCLIP
 from vlm.models.vlm import build_llava, freeze_for_stage, openclip_vit_to_hf
+
+from common import save_after_step  # tests/dist/common.py (the script's folder is on sys.path)
 
 IMAGE = 99
 
@@ -47,11 +47,7 @@ def main(out: str, parallel: str) -> None:
     out_ = InstructTask().train_step(wrapped, [batch], StepContext(wrapped, d, "fp32"))
     opt.step()
     loss = all_reduce_mean(torch.tensor([out_["loss"]]))  # as the trainer reports it
-    state = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if d.is_main:
-        save_file({k: v.contiguous() for k, v in state.items()} | {"loss": loss}, out)
-    if d.enabled:  # every rank done (rank 0's file written) before the group goes away
-        torch.distributed.barrier()
+    save_after_step(wrapped, d, out, loss)
     cleanup()
 
 

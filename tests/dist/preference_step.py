@@ -4,8 +4,6 @@ import sys
 
 import torch
 from PIL import Image
-from safetensors.torch import save_file
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from train.config import LLM_LORA_TARGET
 from train.distributed import all_reduce_mean, cleanup, init_distributed, parallelize
@@ -14,8 +12,9 @@ from train.trainer import StepContext
 from vlm.data.chat import ChatConfig
 from vlm.data.stock_chat import StockCollate
 from vlm.models.stock import decoder_layers, stock_from_config
-from vlm.models.tiny_vlm import save_tiny_vlm
 from vlm.preference import PreferenceLossConfig
+
+from common import save_after_step, tiny_vlm_folder  # tests/dist/common.py (the script's folder is on sys.path)
 
 PAIRS = [("Where is the nodule?", "In the right upper lung.", "In the left lower lung, unchanged since the prior."),
          ("What modality?", "CT", "A chest x-ray"), ("Is there an effusion?", "No", "Yes, a large one on the left."),
@@ -24,11 +23,7 @@ PAIRS = [("Where is the nodule?", "In the right upper lung.", "In the left lower
 
 def main(out: str, loss: str) -> None:
     d = init_distributed()
-    folder = out + ".vlm"
-    if d.is_main:
-        save_tiny_vlm(folder, "qwen2_vl", seed=0)
-    if d.enabled:
-        torch.distributed.barrier()
+    folder = tiny_vlm_folder(out, d)
     torch.manual_seed(0)  # the same adapters on every rank
     model, processor = stock_from_config({"vlm": folder, "dtype": "float32", "freeze": ["vision"],
                                           "lora": {"r": 4, "alpha": 8, "target": LLM_LORA_TARGET}})
@@ -50,11 +45,7 @@ def main(out: str, loss: str) -> None:
     res = task.train_step(wrapped, [batch], StepContext(wrapped, d, "fp32"))
     opt.step()
     loss_ = all_reduce_mean(torch.tensor([res["loss"]]))
-    state = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if d.is_main:
-        save_file({k: v.contiguous() for k, v in state.items()} | {"loss": loss_}, out)
-    if d.enabled:
-        torch.distributed.barrier()
+    save_after_step(wrapped, d, out, loss_)
     cleanup()
 
 

@@ -5,8 +5,6 @@ import sys
 
 import torch
 from PIL import Image
-from safetensors.torch import save_file
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from train.distributed import all_reduce_mean, cleanup, init_distributed, parallelize
 from train.instruct import InstructTask
@@ -14,7 +12,8 @@ from train.trainer import StepContext
 from vlm.data.chat import ChatConfig
 from vlm.data.stock_chat import StockCollate, encode_stock
 from vlm.models.stock import decoder_layers, stock_from_config
-from vlm.models.tiny_vlm import save_tiny_vlm
+
+from common import save_after_step, tiny_vlm_folder  # tests/dist/common.py (the script's folder is on sys.path)
 
 CONVS = [("What imaging modality is this?", "CT"), ("Is there a nodule?", "Yes, in the right upper lung, 8 mm."),
          ("Describe the findings.", "The lungs are clear."), ("Which side?", "Left")]
@@ -22,11 +21,7 @@ CONVS = [("What imaging modality is this?", "CT"), ("Is there a nodule?", "Yes, 
 
 def main(out: str, parallel: str) -> None:
     d = init_distributed()
-    folder = out + ".vlm"
-    if d.is_main:  # transformers saves on the main process only
-        save_tiny_vlm(folder, "qwen2_vl", seed=0)
-    if d.enabled:
-        torch.distributed.barrier()
+    folder = tiny_vlm_folder(out, d)
     model, processor = stock_from_config({"vlm": folder, "dtype": "float32", "freeze": ["vision"]})
     examples = []
     for i, (q, a) in enumerate(CONVS):
@@ -41,11 +36,7 @@ def main(out: str, parallel: str) -> None:
     res = InstructTask().train_step(wrapped, [batch], StepContext(wrapped, d, "fp32"))
     opt.step()
     loss = all_reduce_mean(torch.tensor([res["loss"]]))
-    state = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if d.is_main:
-        save_file({k: v.contiguous() for k, v in state.items()} | {"loss": loss}, out)
-    if d.enabled:
-        torch.distributed.barrier()
+    save_after_step(wrapped, d, out, loss)
     cleanup()
 
 

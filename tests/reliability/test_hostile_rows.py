@@ -341,36 +341,32 @@ def test_paths_leaving_the_root(tmp_path, capsys, drill, fid, how, allow):
                      first={"outside_root": fmt.label(c.rows, i)})
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-@pytest.mark.parametrize("fid", list(FORMATS))
-def test_missing_image_file(tmp_path, capsys, drill, fid, workers):
-    fmt = FORMATS[fid]
-    c = Case(tmp_path, fmt)
-    i = row_of(fmt)
-    base = fmt.base_written([r for r in c.rows if fmt.image_of(r)])
-    fmt.set_image(c.rows[i], "gone.png")
-    c.write()
-    (c.root / "gone.png").unlink()
-    label = ("image train-gone" if fid == "vqa_rad" else "image gone.png") if fmt.grouped else fmt.label(c.rows, i)
-    with drill.input(f"{fid}: a row naming a missing image file ({workers} workers)"):
-        c.expect(capsys, written=base - (0 if fmt.grouped else 1), skipped={"missing_image": 1},
-                 first={"missing_image": label}, workers=workers)
+# a row naming an image that is not there, or a text file named .png: (file name, how the file is spoiled, drill
+# name, reason, detail after the offender's label)
+SPOILED_IMAGES = {
+    "missing": ("gone.png", lambda f: f.unlink(), "a row naming a missing image file", "missing_image", ""),
+    "not_an_image": ("notes.png", lambda f: f.write_text("root:x:0:0:root:/root:/bin/bash\n"), "a text file named .png",
+                     "bad_image", " (cannot identify image file)"),
+}
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("fid", list(FORMATS))
-def test_non_image_named_png(tmp_path, capsys, drill, fid, workers):
+@pytest.mark.parametrize("spoil", list(SPOILED_IMAGES))
+def test_spoiled_image_file(tmp_path, capsys, drill, fid, workers, spoil):
+    name, damage, what, reason, detail = SPOILED_IMAGES[spoil]
     fmt = FORMATS[fid]
     c = Case(tmp_path, fmt)
     i = row_of(fmt)
     base = fmt.base_written([r for r in c.rows if fmt.image_of(r)])
-    fmt.set_image(c.rows[i], "notes.png")
+    fmt.set_image(c.rows[i], name)
     c.write()
-    (c.root / "notes.png").write_text("root:x:0:0:root:/root:/bin/bash\n")
-    label = ("image train-notes" if fid == "vqa_rad" else "image notes.png") if fmt.grouped else fmt.label(c.rows, i)
-    with drill.input(f"{fid}: a text file named .png ({workers} workers)"):
-        c.expect(capsys, written=base - (0 if fmt.grouped else 1), skipped={"bad_image": 1},
-                 first={"bad_image": f"{label} (cannot identify image file)"}, workers=workers)
+    damage(c.root / name)
+    stem = name.removesuffix(".png")
+    label = (f"image train-{stem}" if fid == "vqa_rad" else f"image {name}") if fmt.grouped else fmt.label(c.rows, i)
+    with drill.input(f"{fid}: {what} ({workers} workers)"):
+        c.expect(capsys, written=base - (0 if fmt.grouped else 1), skipped={reason: 1},
+                 first={reason: f"{label}{detail}"}, workers=workers)
 
 
 @pytest.mark.parametrize("fid", list(FORMATS))

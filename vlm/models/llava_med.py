@@ -44,10 +44,11 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import torch
+
+from vlm.utils import atomic_folder
 
 log = logging.getLogger(__name__)
 
@@ -398,20 +399,13 @@ def convert_llava_med(src: str | Path, out: str | Path, vision_tower: str | None
     gap = tokenization_gap(processor, conv_mode)
     if gap:
         log.warning("%s", gap)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    _save_weights({k: t.to(dtype).contiguous() for k, t in tensors.items()}, tmp)
-    config.save_pretrained(tmp)
-    gen.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    processor.image_processor.save_pretrained(tmp)  # preprocessor_config.json as well, for transformers 4.x readers
-    (tmp / "README.md").write_text(_card(name or out.name, src, cfg["model_type"], conv_mode, gap))
-    old = out.with_name(out.name + ".old")
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_folder(out) as tmp:
+        _save_weights({k: t.to(dtype).contiguous() for k, t in tensors.items()}, tmp)
+        config.save_pretrained(tmp)
+        gen.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        processor.image_processor.save_pretrained(tmp)  # preprocessor_config.json as well, for transformers 4.x readers
+        (tmp / "README.md").write_text(_card(name or out.name, src, cfg["model_type"], conv_mode, gap))
     log.info("LLaVA-Med %s (%s, prompt %s) -> %s", src, cfg["model_type"], conv_mode, out)
     return out
 

@@ -305,9 +305,8 @@ def export_stock(model, processor, out, card: Optional[str] = None):
     projector trained fully is simply part of the weights), written to OUT.tmp and renamed, so that stock
     ``AutoModelForImageTextToText`` / ``AutoProcessor`` (and vLLM) load it. Generation stops at the end
     of an assistant turn (``generation_config.eos_token_id``). -> the folder."""
-    import shutil
-
     from vlm.models.lora import merge_lora
+    from vlm.utils import atomic_folder
 
     merge_lora(model)
     model.eval()
@@ -315,16 +314,11 @@ def export_stock(model, processor, out, card: Optional[str] = None):
     if processor.tokenizer.pad_token_id is not None:
         model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    if card:
-        (tmp / "README.md").write_text(card)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_folder(out) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        if card:
+            (tmp / "README.md").write_text(card)
     return out
 
 
@@ -335,10 +329,11 @@ def export_adapter(model, source: str, out) -> Path:
     go in as peft's ``modules_to_save``. Call before merging. A part that is a bare parameter (LLaVA-NeXT's
     image_newline) cannot be expressed as a peft module: a clear error (use the merged export)."""
     import copy
-    import shutil
 
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
+
+    from vlm.utils import atomic_folder
 
     if not getattr(model, "peft_config", None):
         raise ValueError("no adapters to export: the run did not train with model.lora.r > 0")
@@ -358,15 +353,9 @@ def export_adapter(model, source: str, out) -> Path:
     state.update({f"base_model.model.{n}": p for n, p in model.named_parameters()
                   if any(n.startswith(q) for q in prefixes)})
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    cfg.save_pretrained(tmp)
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp / "adapter_model.safetensors")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_folder(out) as tmp:
+        cfg.save_pretrained(tmp)
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp / "adapter_model.safetensors")
     return out
 
 
