@@ -155,25 +155,25 @@ def _as_list(x) -> list:
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
-def _pixels(image, transform) -> torch.Tensor:
+def _image_bytes(image) -> bytes:
+    """An item's image, given as a path or as bytes -> its bytes."""
     if image is None:
         raise ValueError("this item has no image")
     if isinstance(image, (bytes, bytearray)):
-        return transform.from_bytes(bytes(image))
+        return bytes(image)
     with open(image, "rb") as f:
-        return transform.from_bytes(f.read())
+        return f.read()
+
+
+def _pixels(image, transform) -> torch.Tensor:
+    return transform.from_bytes(_image_bytes(image))
 
 
 def _pil(image):
     """An image path or bytes -> 8-bit RGB PIL image (16-bit scans scaled, not clipped)."""
     from vlm.data.transforms import pil_rgb
 
-    if image is None:
-        raise ValueError("this item has no image")
-    if isinstance(image, (bytes, bytearray)):
-        return pil_rgb(bytes(image))
-    with open(image, "rb") as f:
-        return pil_rgb(f.read())
+    return pil_rgb(_image_bytes(image))
 
 
 def stock_prompt(processor, text: str) -> str:

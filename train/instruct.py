@@ -239,6 +239,12 @@ def build_assistant(cfg: InstructRunConfig):
     return model, tokenizer
 
 
+def assembly_shard_modules(model) -> tuple:
+    """FSDP2 units of the LLaVA assembly: one per LLM decoder layer."""
+    layers = getattr(model.model.language_model, "layers", None)
+    return (type(layers[0]),) if layers is not None and len(layers) else ()
+
+
 def build_run(cfg: InstructRunConfig, d) -> tuple[torch.nn.Module, dict]:
     """The assistant and everything else ``Trainer(model, **kwargs)`` needs for this config (also used by
     train.rehearse, which must run exactly what train.instruct runs)."""
@@ -266,9 +272,7 @@ def build_run(cfg: InstructRunConfig, d) -> tuple[torch.nn.Module, dict]:
         loader = ShardLoader(cfg.data, rank=d.rank, world_size=d.world_size, sample_fn=sample_fn, collate_fn=collate)
         scales = {"model.vision_tower.": cfg.model.vision_lr_scale} if cfg.model.train_vision else None
         log.info("assistant: %d image tokens per image (stage %d)", model.config.image_seq_length, cfg.model.stage)
-        # FSDP2: one unit per LLM decoder layer
-        lm_layers = getattr(model.model.language_model, "layers", None)
-        shard = (type(lm_layers[0]),) if lm_layers is not None and len(lm_layers) else ()
+        shard = assembly_shard_modules(model)
         saved = tokenizer
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("assistant: %.1fM parameters, %.2fM trainable", sum(p.numel() for p in model.parameters()) / 1e6,

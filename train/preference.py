@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from train.config import AssistantModelConfig, OptimConfig, TrainConfig, parse_run_config
 from train.distributed import init_distributed
-from train.instruct import build_assistant, build_stock, run
+from train.instruct import assembly_shard_modules, build_assistant, build_stock, run
 from train.trainer import StepContext
 from vlm.data.chat import IGNORE, ChatConfig, SkipExample, encode, fit_length, normalize_conversation
 from vlm.data.shards import DataConfig, ShardLoader
@@ -246,8 +246,7 @@ def build_run(cfg: PreferenceRunConfig, d) -> tuple[torch.nn.Module, dict]:
         model, tokenizer = build_assistant(cfg)
         sample_fn = PairSample(cfg.chat, tokenizer, int(model.config.image_seq_length))
         rows = InstructCollate(False, 0, tokenizer.pad_token_id or 0)
-        lm_layers = getattr(model.model.language_model, "layers", None)
-        shard = (type(lm_layers[0]),) if lm_layers is not None and len(lm_layers) else ()
+        shard = assembly_shard_modules(model)
         saved = tokenizer
     if lora and cfg.preference.needs_reference:
         # the reference is this model with its adapters off: anything else that trained (a projector, the

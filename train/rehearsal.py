@@ -27,6 +27,7 @@ from typing import Optional
 
 import torch
 
+from vlm.models.lora import ADAPTER_PARAM
 from vlm.remote_code import refuse_remote_code
 from vlm.utils import seed_everything
 
@@ -336,7 +337,7 @@ def shrink_instruct(cfg, work: Path, synthetic: Optional[str], family_override: 
 
 # -- what trains ---------------------------------------------------------------------------------------------
 
-ADAPTER = re.compile(r"\.(lora_|hada_|lokr_)")
+ADAPTER = ADAPTER_PARAM  # the parameters peft adds
 
 
 def clip_group(name: str) -> str:

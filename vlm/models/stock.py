@@ -333,12 +333,13 @@ def export_adapter(model, source: str, out) -> Path:
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
+    from vlm.models.lora import ADAPTER_PARAM
     from vlm.utils import atomic_folder
 
     if not getattr(model, "peft_config", None):
         raise ValueError("no adapters to export: the run did not train with model.lora.r > 0")
     parts = vlm_parts(model)
-    trained = {n for n, p in model.named_parameters() if p.requires_grad and not _is_adapter(n)}
+    trained = {n for n, p in model.named_parameters() if p.requires_grad and not ADAPTER_PARAM.search(n)}
     prefixes = sorted({max((p for k in ("vision", "projector") for p in parts[k] if n.startswith(p)), key=len,
                            default=n) for n in trained})
     bare = [p for p in prefixes if not p.endswith(".")]
@@ -357,9 +358,3 @@ def export_adapter(model, source: str, out) -> Path:
         cfg.save_pretrained(tmp)
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp / "adapter_model.safetensors")
     return out
-
-
-def _is_adapter(name: str) -> bool:
-    import re
-
-    return re.search(r"\.(lora_|hada_|lokr_|lora_magnitude_vector)", name) is not None
