@@ -56,7 +56,8 @@ ifeq ($(FRESH),1)
 _fresh := $(shell rm -rf $(DEMO) $(DATA))
 endif
 
-DEMO_STAGES := synth shards inspect clip zeroshot export_clip tokenizer stage1 stage2 eval export_vlm ask summary
+DEMO_STAGES := synth shards inspect clip zeroshot export_clip tokenizer stage1 stage2 eval preference \
+               eval_preference export_vlm ask summary
 QUESTION_IMAGE = $$(ls $(DATA)/synth/eval/zeroshot/modality/chest_xray/*.png | head -n 1)
 
 # $(call stage,name,command): numbered progress line, output to the stage's log, the stage's seconds
@@ -124,7 +125,18 @@ $(STAGES)/eval: $(STAGES)/stage2
 	  $(PY) -m eval.report score --benchmark iu_xray --annotation $(DATA)/synth/eval/iu_xray/annotation.json \
 	    --constant "No acute abnormality." --out $(DEMO)/suite/iu_xray_constant.json)
 
-$(STAGES)/export_vlm: $(STAGES)/eval
+# DPO on the synthetic preference pairs (wrong finding / side / size, a hallucinated prior-exam sentence),
+# then the same evaluation: eval.summary --preference compares the two
+$(STAGES)/preference: $(STAGES)/eval
+	$(call stage,preference,\
+	  $(PY) -m data_prep.shards --format preference --input $(DATA)/synth/preference/pairs.jsonl \
+	    --image-root $(DATA)/synth/eval/iu_xray/images --out $(DATA)/shards/preference --overwrite && \
+	  $(PY) -m train.preference --config $(DEMO_CONFIGS)/preference.yaml)
+
+$(STAGES)/eval_preference: $(STAGES)/preference
+	$(call stage,eval_preference,$(PY) -m eval.suite --config $(DEMO_CONFIGS)/suite_preference.yaml)
+
+$(STAGES)/export_vlm: $(STAGES)/eval_preference
 	$(call stage,export_vlm,$(PY) -m train.export --checkpoint $(DEMO)/stage2 --to transformers --out $(DEMO)/exports/transformers)
 
 $(STAGES)/ask: $(STAGES)/export_clip $(STAGES)/export_vlm
@@ -144,7 +156,9 @@ $(STAGES)/summary: $(STAGES)/ask
 	    --export open_clip=$(DEMO)/exports/open_clip --export transformers=$(DEMO)/exports/transformers \
 	    --ask $(DEMO)/ask_open_clip.json --ask $(DEMO)/ask_transformers.json \
 	    --curves clip=$(DEMO)/clip/metrics.jsonl --curves stage1=$(DEMO)/stage1/metrics.jsonl \
-	    --curves stage2=$(DEMO)/stage2/metrics.jsonl --confusion $(DEMO)/zeroshot_finding_confusion.png \
+	    --curves stage2=$(DEMO)/stage2/metrics.jsonl --curves preference=$(DEMO)/preference/metrics.jsonl \
+	    --preference $(DEMO)/suite/summary.json $(DEMO)/suite_preference/summary.json \
+	    --confusion $(DEMO)/zeroshot_finding_confusion.png \
 	    --stage-times $(STAGES))
 
 clean-demo:

@@ -13,6 +13,8 @@ chest x-rays a two-view FINDINGS/IMPRESSION report. Written as (DESIGN section 4
     OUT/eval/iu_xray/       R2Gen layout: annotation.json + images/<id>/{0,1}.png (chest x-rays)
     OUT/eval/zeroshot/      modality/<class>/*.png and finding/<class>/*.png (+ classes.json)
     OUT/eval/retrieval.jsonl  image path + caption pairs of the test cases
+    OUT/preference/pairs.jsonl  preference pairs of the training chest x-rays (images: eval/iu_xray/images)
+    OUT/preference/shards/  the same pairs as shards (data_prep.shards --format preference)
     OUT/synth.json          the generator's settings and counts
 
 Images follow the radiological convention: the patient's right is on the image's left.
@@ -212,14 +214,43 @@ def caption(case: Case, rng) -> str:
                  f"There is a {f} in the {loc} ({case.size_mm} mm) on {mod}."])
 
 
-def report(case: Case, rng) -> str:
-    """A two-part chest x-ray report."""
+REPORT_PROMPT = "Write the radiology report for this chest x-ray."
+PRIOR_RATE = 0.6  # share of training reports that compare with a prior exam (test studies never do)
+
+
+def prior_options(case: Case) -> list[str]:
+    """Sentences comparing this case with a prior exam (a hallucination when the model never saw one)."""
+    f = "pleural effusion" if case.finding == "effusion" else case.finding
+    if case.finding == "none":
+        return ["No change since the prior radiograph.", "Stable appearance compared with the previous examination."]
+    return [f"Compared with the prior radiograph, the {f} is unchanged.",
+            f"The {f} is stable since the previous examination.", f"The {f} is new since the prior study."]
+
+
+def prior_sentence(case: Case) -> str | None:
+    """The training report's comparison with a prior exam, or None (decided per case from its own random stream,
+    so that every other draw of the corpus stays as it was). Like real archives, the training reports often
+    compare with an earlier study that the model is never shown; in a generated report such a sentence is a
+    hallucination (the test studies are first exams), the behaviour the demo's preference stage removes."""
+    if case.split != "train" or case.modality != "chest_xray":
+        return None
+    rng = np.random.default_rng([case.seed, 13])
+    if rng.random() >= PRIOR_RATE:
+        return None
+    options = prior_options(case)
+    return options[int(rng.integers(len(options)))]
+
+
+def report(case: Case, rng, prior: str | None = None) -> str:
+    """A two-part chest x-ray report; ``prior``: a sentence comparing with a prior exam, put at the end of the
+    findings."""
     pick = lambda options: options[int(rng.integers(len(options)))]
     heart = pick(["The heart size is normal.", "Cardiac silhouette is within normal limits.",
                   "Normal heart size."])
+    cmp = f"{prior} " if prior else ""
     if case.finding == "none":
         lungs = pick(["The lungs are clear.", "No focal consolidation.", "Lungs are clear bilaterally."])
-        return (f"Findings: {heart} {lungs} There is no pleural effusion or pneumothorax. "
+        return (f"Findings: {heart} {lungs} There is no pleural effusion or pneumothorax. {cmp}"
                 f"Impression: No acute cardiopulmonary abnormality.")
     f = "pleural effusion" if case.finding == "effusion" else case.finding
     side = case.side
@@ -229,9 +260,9 @@ def report(case: Case, rng) -> str:
         "effusion": f"There is a {case.size_word} {side} pleural effusion.",
         "cyst": f"A thin-walled cyst measuring {case.size_mm} mm is seen in the {side} {case.zone} lung zone.",
     }[case.finding]
-    return f"Findings: {heart} {finding} No pneumothorax. Impression: {side.capitalize()} {case.zone} {f}." \
-        if case.finding != "effusion" else f"Findings: {heart} {finding} No pneumothorax. " \
-                                           f"Impression: {side.capitalize()} pleural effusion."
+    impression = f"{side.capitalize()} pleural effusion." if case.finding == "effusion" else \
+        f"{side.capitalize()} {case.zone} {f}."
+    return f"Findings: {heart} {finding} No pneumothorax. {cmp}Impression: {impression}"
 
 
 def vqa(case: Case, rng) -> list[dict]:
@@ -273,7 +304,7 @@ def _conversation(case: Case, cap: str, qas: list[dict], rng) -> list[dict]:
     turns = [(prompts[int(rng.integers(len(prompts)))], cap)]
     turns += [(qa["question"], qa["answer"]) for qa in qas]
     if case.modality == "chest_xray":
-        turns.append(("Write the radiology report for this chest x-ray.", report(case, rng)))
+        turns.append((REPORT_PROMPT, report(case, rng, prior_sentence(case))))
     order = rng.permutation(len(turns))
     conv = []
     for n, i in enumerate(order):
@@ -292,6 +323,56 @@ def _records(cases: list[Case], size: int, tagger: ConceptTagger, kind: str):
         else:
             meta["conversations"] = _conversation(case, cap, vqa(case, rng), rng)
         yield Record(f"synth-{case.id}", [ImageRef(render_pixels, (asdict(case), size, 0))], cap, meta, case.id)
+
+
+def _wrong(case: Case, kind: str, rng) -> Case:
+    """``case`` with one fact of its ground truth changed: the finding, its side or its size."""
+    from dataclasses import replace
+
+    if kind == "side":
+        return replace(case, side="left" if case.side == "right" else "right")
+    if kind == "size":  # into another size word: small <-> large
+        return replace(case, size_mm=40 if case.size_mm < 15 else 8)
+    others = [f for f in FINDINGS if f != case.finding]
+    f = others[int(rng.integers(len(others)))]
+    if f == "none":
+        return replace(case, finding=f, side=None, zone=None, size_mm=None)
+    zone = "lower" if f == "effusion" else (case.zone or ZONES[int(rng.integers(3))])
+    return replace(case, finding=f, side=case.side or SIDES[int(rng.integers(2))], zone=zone,
+                   size_mm=case.size_mm or {"nodule": 8, "mass": 40, "effusion": 30, "cyst": 20}[f])
+
+
+def preference_pairs(cases: list[Case]) -> list[dict]:
+    """Two preference pairs per chest x-ray (data_prep.shards --format preference, images under
+    eval/iu_xray/images): its report, chosen = the ground-truth report without a prior-exam sentence, rejected =
+    the same report with one fact wrong, taken in turn: a prior-exam sentence, another finding, the other side,
+    another size (a normal study gets a finding or a prior-exam sentence); and a closed question about the
+    finding or its side, chosen = the right answer, rejected = the wrong one."""
+    pairs = []
+    for n, case in enumerate(cases):
+        rng = np.random.default_rng([case.seed, 17])
+        kinds = ("prior", "finding", "side", "size") if case.finding != "none" else ("prior", "finding")
+        kind = kinds[n % len(kinds)]
+        chosen = report(case, np.random.default_rng([case.seed, 11]))
+        if kind == "prior":
+            options = prior_options(case)
+            wrong_case, prior = case, options[int(rng.integers(len(options)))]
+        else:
+            wrong_case, prior = _wrong(case, kind, rng), None
+        rejected = report(wrong_case, np.random.default_rng([case.seed, 11]), prior)
+        image = f"CXR_{case.id}/0.png"
+        pairs.append({"id": f"{case.id}-report", "image": image, "prompt": REPORT_PROMPT, "chosen": chosen,
+                      "rejected": rejected, "kind": kind})
+        if case.finding != "none" and n % 2:
+            q, right = f"Which side is the {case.finding} on?", case.side
+            wrong = "left" if right == "right" else "right"
+        else:
+            f = case.finding if case.finding != "none" else FINDINGS[1 + int(rng.integers(4))]
+            q, right = f"Is there a {f} in this image?", "yes" if f == case.finding else "no"
+            wrong = "no" if right == "yes" else "yes"
+        pairs.append({"id": f"{case.id}-vqa", "image": image, "prompt": q, "chosen": right, "rejected": wrong,
+                      "kind": "vqa"})
+    return pairs
 
 
 def _save_image(job) -> None:
@@ -330,13 +411,17 @@ def write_eval(out: Path, test: list[Case], train: list[Case], size: int, pool) 
             paths = [f"CXR_{case.id}/0.png", f"CXR_{case.id}/1.png"]
             for v, p in enumerate(paths):
                 jobs.append((asdict(case), size, v, str(ev / "iu_xray" / "images" / p)))
-            ann[split].append({"id": f"CXR_{case.id}", "report": report(case, rng), "image_path": paths,
+            ann[split].append({"id": f"CXR_{case.id}", "report": report(case, rng, prior_sentence(case)),
+                               "image_path": paths,
                                "split": split})
     (ev / "slake").mkdir(parents=True, exist_ok=True)
     (ev / "iu_xray").mkdir(parents=True, exist_ok=True)
     list(pool.imap_unordered(_save_image, jobs, chunksize=16) if pool else map(_save_image, jobs))
     (ev / "slake" / "test.json").write_text(json.dumps(slake, indent=1))
     (ev / "iu_xray" / "annotation.json").write_text(json.dumps(ann, indent=1))
+    pairs = preference_pairs([c for split, cases in splits if split == "train" for c in cases])
+    (out / "preference").mkdir(parents=True, exist_ok=True)
+    (out / "preference" / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     classes = {"modality": {k: v[0] for k, v in MODALITIES.items()},
                "finding": {k: FINDING_NAMES[k] for k in FINDINGS}}
     for task in classes:  # every class folder exists, even if a small test set has no case of it
@@ -347,6 +432,7 @@ def write_eval(out: Path, test: list[Case], train: list[Case], size: int, pool) 
         for r in retrieval:
             f.write(json.dumps(r) + "\n")
     return {"slake_questions": len(slake), "report_studies": {k: len(v) for k, v in ann.items()},
+            "preference_pairs": len(pairs),
             "zeroshot_images": len(test)}
 
 
@@ -393,6 +479,13 @@ def main(argv=None) -> int:
     finally:
         if pool:
             pool.terminate()
+    # the pairs as preference shards too (what train.rehearse reads for a preference config's missing data)
+    from data_prep.shards import main as shards_main
+
+    if shards_main(["--format", "preference", "--input", str(out / "preference" / "pairs.jsonl"), "--image-root",
+                    str(out / "eval" / "iu_xray" / "images"), "--out", str(out / "preference" / "shards"),
+                    "--overwrite", "--quiet", "--workers", "0"]) != 0:
+        raise RuntimeError("writing the preference shards failed")
     info = {"seed": args.seed, "image_size": args.image_size, "num_train": args.num_train,
             "num_test": args.num_test, "counts": counts, "seconds": round(time.time() - t0, 1)}
     (out / "synth.json").write_text(json.dumps(info, indent=1))

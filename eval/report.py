@@ -8,7 +8,10 @@ The annotation is R2Gen's layout ({"train", "val", "test"} of {"id", "report", "
 Predictions: JSONL, one {"id": <the annotation's id>, "text": "..."} a line. By default R2Gen's
 protocol: its report cleaning on references and predictions alike, then pycocoevalcap's
 BLEU-1..4, METEOR, ROUGE-L and CIDEr (--text ptb: the COCO caption protocol; raw: white space
-only). CheXbert and RadGraph F1 are added when their packages and weights are installed locally,
+only). Always beside them, on the raw texts, "factuality" (vlm/factuality.py's documented lexical rules):
+prior_exam_sentence_rate / prior_exam_report_rate (sentences that compare with a prior exam the model never
+saw) and hallucinated_finding_rate / hallucinated_report_rate (findings stated positively that the reference
+does not state, or states on the other side), with omitted_finding_rate. CheXbert and RadGraph F1 are added when their packages and weights are installed locally,
 else listed under "unavailable" with the reason. Also writes OUT's stem + .reports.csv.
 """
 from __future__ import annotations
@@ -24,7 +27,8 @@ from pathlib import Path
 
 from eval.benchmarks import REPORT_BENCHMARKS
 from eval.predictions import read_predictions
-from eval.report_metrics import clinical_metrics, lexical_metrics, prepare
+from vlm.report_metrics import clinical_metrics, lexical_metrics, prepare
+from vlm.factuality import factuality_metrics
 from vlm.utils import atomic_write_text, cli, setup_logging
 
 log = logging.getLogger("eval.report")
@@ -51,9 +55,12 @@ def score(args) -> dict:
                     f" ({len(missing)} missing, scored as empty)" if missing else "")
     refs, hyps = prepare(raw_refs, args.text, bench.cleaner), prepare(raw_preds, args.text, bench.cleaner)
     scores, unavailable = lexical_metrics(refs, hyps)
+    ids = list(raw_refs)
     result = {"benchmark": args.benchmark, "split": args.split, "text_processing": args.text,
               **({"constant_report": args.constant} if getattr(args, "constant", None) is not None else {}),
-              "num_reports": len(items), "num_missing": len(missing), "num_empty": num_empty, **scores}
+              "num_reports": len(items), "num_missing": len(missing), "num_empty": num_empty, **scores,
+              # on the raw texts (the rules read sentence ends, sides and negations that the cleaning keeps or not)
+              "factuality": factuality_metrics([raw_refs[i] for i in ids], [raw_preds[i] for i in ids])}
     if not args.no_clinical:
         clinical, unavailable_c = clinical_metrics([raw_refs[i] for i in raw_refs], [raw_preds[i] for i in raw_refs])
         result.update(clinical)
@@ -78,10 +85,20 @@ def generate_reports(args, assistant=None) -> int:
 
     items = REPORT_BENCHMARKS[args.benchmark](args.annotation, split=args.split).load()
     prompt = args.prompt or load_prompts(args.benchmark, args.prompts).report
-    todo = [(it.id, prompt, it.images[0] if it.images else None) for it in items]
+    samples = getattr(args, "num_samples", 1)
+    temperature = getattr(args, "temperature", None)
+    if samples < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {samples}")
+    if temperature is not None and temperature <= 0:
+        raise ValueError(f"--temperature must be > 0, got {temperature}")
+    sampling = None
+    if samples > 1 or temperature is not None:  # N sampled reports per study, ids "<id>#<k>"
+        sampling = {"temperature": 1.0 if temperature is None else temperature, "top_p": args.top_p, "seed": args.seed}
+    todo = [(f"{it.id}#{k}" if samples > 1 else it.id, prompt, it.images[0] if it.images else None)
+            for it in items for k in range(samples)]
     n, rank = answer_with(args.checkpoint, assistant, todo, args.out, "id", args.batch_size, args.max_new_tokens,
-                          f"{args.benchmark} reports", processor_settings(getattr(args, "processor", None)))
-    log.info("rank %d: %d reports generated now (%d in all) -> %s", rank, n, len(items), args.out)
+                          f"{args.benchmark} reports", processor_settings(getattr(args, "processor", None)), sampling)
+    log.info("rank %d: %d reports generated now (%d in all) -> %s", rank, n, len(todo), args.out)
     return n
 
 
@@ -115,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--processor", action="append", metavar="KEY=VALUE",
                    help="a stock VLM's image processor setting (repeatable), e.g. max_pixels=1003520 for Qwen2-VL")
+    g.add_argument("--num-samples", type=int, default=1,
+                   help="sampled reports per study (ids <id>#<k>: data_prep.preference_from_samples --rank-by ranks "
+                        "them); default 1, greedy")
+    g.add_argument("--temperature", type=float, default=None, help="sample at this temperature (default: greedy, "
+                                                                    "or 1.0 with --num-samples > 1)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with sampling only)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
     return p
 
 
@@ -127,6 +151,7 @@ def main(argv=None) -> int:
         keys = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider")
         print(" ".join(f"{k}={r[k]:.4f}" if r[k] is not None else f"{k}=n/a" for k in keys)
               + f" ({r['num_reports']} reports)")
+        print(" ".join(f"{k}={v:.4f}" for k, v in r["factuality"].items() if k.endswith("_rate")))
         for name, why in r["unavailable"].items():
             print(f"{name}: unavailable: {why}")
         log.info("wrote %s in %.1fs", args.out, r["seconds"])

@@ -125,7 +125,8 @@ def summarize(results: dict[str, dict], anchors: list[Anchor], cfg: SuiteConfig)
                                     "llava_med": {k: r["llava_med"][k] for k in ("closed_accuracy", "open_recall")},
                                     "num_closed": r["num_closed"], "num_open": r["num_open"]}
     for n, r in reports.items():
-        summary["benchmarks"][n] = {k: r.get(k) for k in REPORT_KEYS} | {"num_reports": r["num_reports"]}
+        summary["benchmarks"][n] = {k: r.get(k) for k in REPORT_KEYS} | {"num_reports": r["num_reports"],
+                                                                         "factuality": r.get("factuality")}
     if vqa:
         lines += ["## VQA (percent)", "", "| model | protocol | " + " | ".join(
             f"{n} {label}" for n in vqa for _, label in VQA_KEYS) + " |", "|---|---|" + "---|" * (2 * len(vqa))]
@@ -149,6 +150,14 @@ def summarize(results: dict[str, dict], anchors: list[Anchor], cfg: SuiteConfig)
                 if n in a.results:
                     lines.append(f"| {a.model} | {n} | " + " | ".join(
                         "—" if a.results[n].get(k) is None else f"{a.results[n][k]:.3f}" for k in REPORT_KEYS) + " |")
+        lines += ["", "Factuality (vlm/factuality.py's lexical rules; lower is better, omitted findings beside):", "",
+                  "| benchmark | prior-exam sentences | reports with one | hallucinated findings | reports with one | "
+                  "omitted findings |", "|---|---|---|---|---|---|"]
+        for n, r in reports.items():
+            f = r.get("factuality") or {}
+            lines.append(f"| {n} | " + " | ".join("n/a" if f.get(k) is None else f"{f[k]:.3f}" for k in (
+                "prior_exam_sentence_rate", "prior_exam_report_rate", "hallucinated_finding_rate",
+                "hallucinated_report_rate", "omitted_finding_rate")) + " |")
         lines.append("")
     used = [a for a in anchors if any(n in a.results for n in results)]
     if used:

@@ -12,7 +12,8 @@
 Keys (DESIGN section 4): zeroshot.<name>_accuracy, retrieval.image_to_text_r1, vqa.closed_accuracy and
 vqa.open_recall (the suite's first VQA benchmark), report.bleu_4 and report.rouge_l (its first report
 benchmark; report.baseline_bleu_4 from --report-baseline), exports.<name> (folders relative to the
-working directory), asked (the answers of the exported models), seconds (the sum of the stage times
+working directory), asked (the answers of the exported models), preference.before / .after / .change
+(--preference BEFORE AFTER: two eval.suite summaries around preference tuning), seconds (the sum of the stage times
 in --stage-times, else of the inputs' own "seconds"). Every input is optional; a missing file is an
 error that names it.
 """
@@ -78,6 +79,13 @@ def build(args) -> tuple[dict, list[str]]:
             n, b = rep
             s["report"] = {"benchmark": n, **{k: b[k] for k in ("bleu_1", "bleu_4", "meteor", "rouge_l", "cider")}}
             md += [f"| report {n}: BLEU-4 | {b['bleu_4']:.3f} |", f"| report {n}: ROUGE-L | {b['rouge_l']:.3f} |"]
+            if b.get("factuality"):
+                s["report"]["factuality"] = b["factuality"]
+                md += [f"| report {n}: prior-exam sentence rate | {b['factuality']['prior_exam_sentence_rate']:.3f} |",
+                       f"| report {n}: hallucinated-finding rate | {b['factuality']['hallucinated_finding_rate']:.3f} |"]
+    if args.preference:
+        s["preference"], rows = preference_block(*(_load(Path(x)) for x in args.preference))
+        md += rows
     if args.report_baseline:
         r = _load(Path(args.report_baseline))
         s.setdefault("report", {})["baseline_bleu_4"] = r["bleu_4"]
@@ -97,6 +105,35 @@ def build(args) -> tuple[dict, list[str]]:
     return s, md
 
 
+PREFERENCE_KEYS = (("closed_accuracy", "VQA closed accuracy"), ("open_recall", "VQA open recall"),
+                   ("bleu_4", "report BLEU-4"), ("rouge_l", "report ROUGE-L"),
+                   ("prior_exam_sentence_rate", "report prior-exam sentence rate"),
+                   ("prior_exam_report_rate", "reports with a prior-exam sentence"),
+                   ("hallucinated_finding_rate", "report hallucinated-finding rate"),
+                   ("omitted_finding_rate", "report omitted-finding rate"))
+
+
+def _suite_values(suite: dict) -> dict:
+    """The first VQA and the first report benchmark of an eval.suite summary, flattened."""
+    out: dict = {}
+    for b in suite["benchmarks"].values():
+        if "closed_accuracy" in b and "closed_accuracy" not in out:
+            out.update(closed_accuracy=b["closed_accuracy"], open_recall=b["open_recall"])
+        if "bleu_4" in b and "bleu_4" not in out:
+            out.update(bleu_4=b["bleu_4"], rouge_l=b["rouge_l"], **(b.get("factuality") or {}))
+    return out
+
+
+def preference_block(before: dict, after: dict) -> tuple[dict, list[str]]:
+    """Two eval.suite summaries (before and after preference tuning) -> {"before", "after", "change"} and
+    the report's rows."""
+    b, a = _suite_values(before), _suite_values(after)
+    keys = [(k, label) for k, label in PREFERENCE_KEYS if b.get(k) is not None and a.get(k) is not None]
+    block = {"before": {k: b[k] for k, _ in keys}, "after": {k: a[k] for k, _ in keys},
+             "change": {k: a[k] - b[k] for k, _ in keys}}
+    return block, [f"| after preference tuning: {label} | {b[k]:.3f} → {a[k]:.3f} |" for k, label in keys]
+
+
 @cli
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m eval.summary", description=__doc__,
@@ -107,6 +144,9 @@ def main(argv=None) -> int:
     p.add_argument("--retrieval", metavar="JSON", help="an eval.retrieval result")
     p.add_argument("--suite", metavar="JSON", help="an eval.suite summary.json")
     p.add_argument("--report-baseline", metavar="JSON", help="an eval.report score --constant result")
+    p.add_argument("--preference", nargs=2, metavar=("BEFORE", "AFTER"),
+                   help="two eval.suite summary.json files, before and after preference tuning (the `preference` "
+                        "block: VQA accuracy, BLEU/ROUGE, prior-exam and hallucinated-finding rates)")
     p.add_argument("--export", action="append", metavar="NAME=DIR", help="an exported model folder")
     p.add_argument("--ask", action="append", metavar="JSON", help="an eval.ask answer")
     p.add_argument("--curves", action="append", metavar="NAME=METRICS_JSONL", help="a training run's metrics.jsonl")

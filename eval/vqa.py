@@ -8,7 +8,7 @@ Benchmarks: vqa_rad (official JSON or HF parquet), slake (official JSON, English
 pathvqa (HF parquet or original pkl). Predictions: JSONL, one {"question_id": <the benchmark's own
 id>, "text": "..."} a line. Writes OUT (JSON: strict metrics, the `llava_med` block computed as
 LLaVA-Med v1 does, per-category breakdowns, bootstrap 95% intervals), OUT's stem + .questions.csv
-(one row per question) and + .md (a markdown table). See eval/metrics.py for the definitions.
+(one row per question) and + .md (a markdown table). See vlm/vqa_metrics.py for the definitions.
 """
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 from eval.benchmarks import VQA_BENCHMARKS
-from eval.metrics import aggregate, bootstrap_ci, breakdown, score_question
 from eval.predictions import read_predictions
 from vlm.utils import atomic_write_text, cli, setup_logging
+from vlm.vqa_metrics import aggregate, bootstrap_ci, breakdown, score_question
 
 log = logging.getLogger("eval.vqa")
 

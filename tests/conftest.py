@@ -51,6 +51,22 @@ def tiny32(tmp_path_factory) -> Path:
     return p
 
 
+def save_tiny_vision(folder: Path) -> Path:
+    """A tiny open_clip ViT (tiny-vit-text at 32 px, patch 8, seed 0) exported as a train.clip run would be: the
+    assembly's vision tower in the instruct / preference / GRPO tests."""
+    import torch
+
+    from vlm.hub import export_open_clip
+    from vlm.models.clip import MedCLIP
+
+    arch = json.loads((REPO / "configs/model/tiny-vit-text.json").read_text())
+    arch.pop("_comment")
+    arch["vision_cfg"].update(image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    export_open_clip(MedCLIP(arch), folder, [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711])
+    return folder
+
+
 def kill_after_checkpoint(cmd: list[str], env: dict, checkpoint: Path, timeout: float = 120) -> None:
     """Start ``cmd``, SIGKILL it as soon as ``checkpoint`` is complete (mid-run, no clean-up)."""
     import signal

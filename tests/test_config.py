@@ -12,15 +12,18 @@ from vlm.data.shards import DataConfig
 def schema_for(path: Path) -> type:
     """The dataclass a YAML under configs/<kind>/ is validated against (the entry point that reads it)."""
     from train.config import ClipRunConfig, InstructRunConfig
+    from train.preference import PreferenceRunConfig
     from eval.prompts import EvalPrompts
     from eval.suite import SuiteConfig
     from vlm.zeroshot import PromptConfig
 
     schemas = {"data": DataConfig, "concepts": VocabularyConfig, "clip": ClipRunConfig, "prompts": PromptConfig,
-               "instruct": InstructRunConfig, "eval": EvalPrompts, "suite": SuiteConfig}
+               "instruct": InstructRunConfig, "eval": EvalPrompts, "suite": SuiteConfig,
+               "preference": PreferenceRunConfig}
     kind = Path(path).parent.name
     if kind in ("demo", "tiny"):  # make demo's stage configs, one of each kind: by file name
-        kind = {"clip": "clip", "stage1": "instruct", "stage2": "instruct", "suite": "suite"}.get(Path(path).stem, kind)
+        kind = {"clip": "clip", "stage1": "instruct", "stage2": "instruct", "suite": "suite", "preference": "preference",
+                "suite_preference": "suite"}.get(Path(path).stem, kind)
     if kind not in schemas:
         raise ConfigError(f"{path}: no schema for configs/{kind}/ (known: {sorted(schemas)})")
     return schemas[kind]

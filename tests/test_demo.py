@@ -48,7 +48,7 @@ def get(d: dict, dotted: str):
 
 def test_demo_summary_report_and_exports(demo):
     root, r = demo
-    assert "(1/13) synth" in r.stdout and "(13/13) summary" in r.stdout
+    assert "(1/15) synth" in r.stdout and "(15/15) summary" in r.stdout
     s = json.loads((root / "runs/demo/summary.json").read_text())
     for key in SUMMARY_KEYS:
         assert get(s, key) is not None, key
@@ -67,7 +67,17 @@ def test_demo_summary_report_and_exports(demo):
     assert vqa["exact_match"] >= majority + 0.2, (vqa["exact_match"], majority)
     assert s["report"]["rouge_l"] >= s["report"]["baseline_rouge_l"] + 0.1
     assert s["report"]["baseline_text"] == "No acute abnormality." and "baseline_bleu_4" in s["report"]
-    assert s["seconds"] > 0 and set(s["stage_seconds"]) >= {"clip", "stage2", "eval"}
+    assert s["seconds"] > 0 and set(s["stage_seconds"]) >= {"clip", "stage2", "eval", "preference", "eval_preference"}
+    # the preference stage: DPO from the stage-2 run, evaluated the same way (at test size only the plumbing:
+    # the learning is measured on the full demo, README)
+    pref = s["preference"]
+    keys = {"closed_accuracy", "open_recall", "bleu_4", "rouge_l", "prior_exam_sentence_rate",
+            "hallucinated_finding_rate"}
+    assert keys <= set(pref["before"]) and set(pref["before"]) == set(pref["after"]) == set(pref["change"])
+    assert pref["before"]["closed_accuracy"] == s["vqa"]["closed_accuracy"]
+    m = [json.loads(x) for x in (root / "runs/demo/preference/metrics.jsonl").read_text().splitlines()]
+    assert abs(m[0]["loss"] - 0.6931) < 1e-3 and all("rewards/margins" in x for x in m)  # the SFT model vs itself
+    assert (root / "data/demo/shards/preference/manifest.json").is_file()
     kinds = {a["kind"]: a for a in s["asked"]}
     assert set(kinds) == {"open_clip", "transformers"}
     assert kinds["open_clip"]["answer"] in kinds["open_clip"]["labels"]
@@ -110,3 +120,39 @@ def test_sharded_generation_merges_to_the_single_process_answers(demo):
     r = torchrun(2, cmd, env, cwd=root)
     assert r.returncode == 0, r.stderr[-3000:]
     assert out.read_text() == single.read_text()
+
+
+def test_sample_and_rank_report_pairs(demo, tmp_path):
+    """The sample-and-rank recipe on the demo's stage-2 assistant: eval.report generate --num-samples writes
+    N sampled reports per study (ids <id>#<k>, reproducible with the seed), data_prep.preference_from_samples
+    ranks them into best-vs-worst pairs that data_prep.shards --format preference reads."""
+    root, _ = demo
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    ann = root / "data/demo/synth/eval/iu_xray/annotation.json"
+    studies = [a["id"] for a in json.loads(ann.read_text())["val"]]
+    gen = [sys.executable, "-m", "eval.report", "generate", "--checkpoint", "runs/demo/stage2", "--benchmark",
+           "iu_xray", "--annotation", str(ann), "--split", "val", "--num-samples", "3", "--temperature", "1.5",
+           "--max-new-tokens", "24", "--batch-size", "16"]
+    outs = []
+    for name in ("a", "b"):
+        r = subprocess.run([*gen, "--out", str(tmp_path / f"{name}.jsonl")], cwd=root, env=env, capture_output=True,
+                           text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs.append((tmp_path / f"{name}.jsonl").read_text())
+    assert outs[0] == outs[1]  # same seed, same samples
+    rows = [json.loads(x) for x in outs[0].splitlines()]
+    assert [r["id"] for r in rows] == [f"{s}#{k}" for s in studies for k in range(3)]
+    by_study = {s: {r["text"] for r in rows if r["id"].startswith(s + "#")} for s in studies}
+    assert sum(len(t) > 1 for t in by_study.values()) >= len(studies) // 2  # sampling, not greedy
+    r = subprocess.run([sys.executable, "-m", "data_prep.preference_from_samples", "--annotation", str(ann), "--split",
+                        "val", "--samples", str(tmp_path / "a.jsonl"), "--rank-by", "rouge_l", "--out",
+                        str(tmp_path / "pairs.jsonl")], cwd=root, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    pairs = [json.loads(x) for x in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    assert pairs and all(p["chosen_score"] > p["rejected_score"] for p in pairs)
+    r = subprocess.run([sys.executable, "-m", "data_prep.shards", "--format", "preference", "--input",
+                        str(tmp_path / "pairs.jsonl"), "--image-root", str(ann.parent / "images"), "--out",
+                        str(tmp_path / "shards"), "--workers", "0", "--quiet"], cwd=root, env=env, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "shards/manifest.json").read_text())["num_samples"] == len(pairs)

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import FIXTURES, load_fixture
 from eval.report import main as report_main
-from eval.report_metrics import clean_report_iu_xray, clean_report_mimic_cxr
+from vlm.report_metrics import clean_report_iu_xray, clean_report_mimic_cxr
 from eval.vqa import main as vqa_main
 
 

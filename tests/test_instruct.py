@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from vlm.checkpoint import model_weights
 
-from conftest import REPO, kill_after_checkpoint, stand_in_images
+from conftest import REPO, kill_after_checkpoint, save_tiny_vision, stand_in_images
 
 
 @pytest.fixture(scope="module")
@@ -22,16 +22,9 @@ def assets(synth_dir, tmp_path_factory):
     """A 32 px open_clip export (the vision tower), a tokenizer trained on the corpus, a llava shard with bad rows."""
     from data_prep.shards import main as shards_main
     from data_prep.tokenizer import main as tok_main
-    from vlm.hub import export_open_clip
-    from vlm.models.clip import MedCLIP
 
     root = tmp_path_factory.mktemp("instruct")
-    arch = json.loads((REPO / "configs/model/tiny-vit-text.json").read_text())
-    arch.pop("_comment")
-    arch["vision_cfg"].update(image_size=32, patch_size=8)
-    torch.manual_seed(0)
-    export_open_clip(MedCLIP(arch), root / "vision", [0.48145466, 0.4578275, 0.40821073],
-                     [0.26862954, 0.26130258, 0.27577711])
+    save_tiny_vision(root / "vision")
     assert tok_main(["--shards", str(synth_dir / "instruct"), "--out", str(root / "tok"), "--vocab-size", "600"]) == 0
     good = [{"id": f"g{i}", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat is shown?"},
                                                                 {"from": "gpt", "value": "A chest x-ray."}]}

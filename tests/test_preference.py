@@ -202,8 +202,6 @@ def pref_assets(tmp_path_factory):
     from PIL import Image
 
     from data_prep.shards import main as shards_main
-    from vlm.hub import export_open_clip
-    from vlm.models.clip import MedCLIP
     from vlm.models.tiny import train_tokenizer
     from vlm.models.tiny_vlm import save_tiny_vlm
 
@@ -224,15 +222,9 @@ def pref_assets(tmp_path_factory):
     assert shards_main(["--format", "preference", "--input", str(root / "pairs.jsonl"), "--out",
                         str(root / "shards"), "--workers", "0", "--quiet"]) == 0
     save_tiny_vlm(root / "qwen", "qwen2_vl")
-    import json as _json
+    from conftest import save_tiny_vision
 
-    arch = _json.loads((__import__("pathlib").Path(__file__).resolve().parents[1] / "configs/model/tiny-vit-text.json")
-                       .read_text())
-    arch.pop("_comment")
-    arch["vision_cfg"].update(image_size=32, patch_size=8)
-    torch.manual_seed(0)
-    export_open_clip(MedCLIP(arch), root / "vision", [0.48145466, 0.4578275, 0.40821073],
-                     [0.26862954, 0.26130258, 0.27577711])
+    save_tiny_vision(root / "vision")
     train_tokenizer("qwen2").save_pretrained(root / "tok")
     return root
 
@@ -425,3 +417,50 @@ def test_two_process_ddp_step_matches_one_process(tmp_path, loss):
     assert abs(float(one["loss"]) - math.log(2)) > 1e-3
     for k in one:
         assert torch.allclose(one[k], two[k], atol=1e-6, rtol=1e-5), (k, (one[k] - two[k]).abs().max())
+
+
+def test_packed_pairs_equal_padded_rows_and_encode_images_once(pref_assets, tmp_path):
+    """The assembly's packed pairs (train/pair_packing.py): chosen and rejected of a pair in one row, attention
+    kept per part, the pair's image encoded once: the same per-side log-probabilities and the same gradients
+    as the padded rows [chosen..., rejected...], with half the vision-tower work."""
+    from train.instruct import InstructCollate, build_assistant
+    from train.pair_packing import PackedPairCollate, install_encode_once, packed_pair_logps
+    from train.preference import PairCollate, PairSample, PreferenceRunConfig
+    from vlm.config import load_config
+    from vlm.preference import token_logps
+
+    cfg = load_config(PreferenceRunConfig, _pref_config(pref_assets, tmp_path / "r", _assembly(pref_assets)))
+    torch.manual_seed(0)
+    model, tok = build_assistant(cfg)
+    assert install_encode_once(model)
+    sample = PairSample(cfg.chat, tok, int(model.config.image_seq_length))
+    pairs = []
+    for i, (c, r) in enumerate([("In the left upper lung.", "In the right lower lung, unchanged since the prior."),
+                                ("No.", "Yes, there is a large mass in the right lower lung zone."),
+                                ("A small effusion.", "None.")]):
+        conv = [{"from": "human", "value": "<image>\nWhere is the nodule?" if i != 1 else "<image>\nIs it normal?"}]
+        pairs.append(sample({"key": f"k{i}", "image": torch.randn(3, 32, 32), "views": [],
+                             "meta": {"conversations": conv, "chosen": c, "rejected": r}}))
+    seen = []
+    model.model.vision_tower.register_forward_hook(lambda m, a, kw: seen.append(a[0].shape[0]) if a else None)
+    padded = PairCollate(InstructCollate(False, 0, tok.pad_token_id or 0))(pairs)
+    inputs = {k: padded[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+    lp_pad = token_logps(model(**inputs, use_cache=False).logits, padded["labels"]).sum(1)
+    lp_pad.sum().backward()
+    g_pad = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    packed = PackedPairCollate(tok.pad_token_id or 0)(pairs)
+    assert packed["input_ids"].shape[0] == 3 and packed["pixel_values"].shape[0] == 3
+    lp_pack, n_pack = packed_pair_logps(model, packed, torch.device("cpu"))
+    lp_pack.sum().backward()
+    assert seen == [6, 3]  # 2 images per pair padded, 1 packed
+    assert torch.allclose(lp_pack, lp_pad, atol=1e-5), (lp_pack, lp_pad)
+    assert torch.equal(n_pack, (padded["labels"][:, 1:] != -100).sum(1))
+    for n, p in model.named_parameters():
+        if n in g_pad:
+            assert torch.allclose(p.grad, g_pad[n], atol=1e-5, rtol=1e-4), n
+    # outside encode_once the model is the stock one: every image placeholder gets its own image
+    model.zero_grad()
+    with torch.no_grad():
+        again = token_logps(model(**inputs, use_cache=False).logits, padded["labels"]).sum(1)
+    assert torch.allclose(again, lp_pad.detach(), atol=1e-6)

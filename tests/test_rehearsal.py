@@ -1,7 +1,7 @@
 """Every shipped training config, rehearsed as shipped (train.rehearse: the model shrunk to a tiny one of the
 same family, everything else kept): 2 gloo processes for the configs documented for torchrun or that set a
-parallel mode, one otherwise. A new YAML under configs/clip/ or configs/instruct/ is covered without a new
-test. QLoRA configs need CUDA and are skipped with that reason elsewhere."""
+parallel mode, one otherwise. A new YAML under configs/clip/, configs/instruct/ or configs/preference/ is
+covered without a new test. QLoRA configs need CUDA and are skipped with that reason elsewhere."""
 from __future__ import annotations
 
 import json
@@ -14,12 +14,14 @@ import torch
 
 from conftest import REPO, torchrun
 
-CONFIGS = sorted([*(REPO / "configs/clip").glob("*.yaml"), *(REPO / "configs/instruct").glob("*.yaml")])
+CONFIGS = sorted([*(REPO / "configs/clip").glob("*.yaml"), *(REPO / "configs/instruct").glob("*.yaml"),
+                  *(REPO / "configs/preference").glob("*.yaml")])
 # `make test` rehearses one config per family (open_clip text tower; Hugging Face text tower with FSDP2, bf16,
-# EMA and concepts; stage 1; LoRA stage 2; full FSDP2 stage 2; stock Qwen2.5-VL and Gemma 3 VLMs with LoRA);
-# `make test-all` every one of them
+# EMA and concepts; stage 1; LoRA stage 2; full FSDP2 stage 2; stock Qwen2.5-VL and Gemma 3 VLMs with LoRA;
+# LoRA DPO of the assembly; GRPO of a stock VLM); `make test-all` every one of them
 PER_FAMILY = {"clip/demo.yaml", "clip/conceptclip.yaml", "instruct/demo_stage1.yaml", "instruct/llava_med_7b_lora.yaml",
-              "instruct/llava_med_7b_full.yaml", "instruct/qwen2_5_vl_7b_lora.yaml", "instruct/medgemma_4b_lora.yaml"}
+              "instruct/llava_med_7b_full.yaml", "instruct/qwen2_5_vl_7b_lora.yaml", "instruct/medgemma_4b_lora.yaml",
+              "preference/llava_med_7b_report_dpo.yaml", "preference/vqa_grpo_qwen2_5_vl_7b.yaml"}
 
 
 def _param(path):
@@ -59,6 +61,11 @@ def test_shipped_config_rehearses(path, synth_dir, tmp_path):
         assert "config: all   model: all" in checks["LLM adapters"]["detail"]
         assert "config: none  model: none    changed after 2 steps: 0.0%" in checks["LLM"]["detail"]
         print("\n".join(r.stdout.splitlines()[-16:]))
+    if path.name == "llava_med_7b_report_dpo.yaml":  # LoRA DPO: only the adapters (the reference is them off)
+        assert "config: all   model: all" in checks["LLM adapters"]["detail"]
+        for group in ("projector", "LLM", "vision tower"):
+            assert "config: none  model: none    changed after 2 steps: 0.0%" in checks[group]["detail"]
+        assert checks["loss"]["detail"].startswith("0.69")  # ~log 2: the first steps compare the SFT model with itself
     if path.name in ("qwen2_5_vl_7b_lora.yaml", "medgemma_4b_lora.yaml"):  # stock VLM: its own parts, as configured
         assert "config: none  model: none    changed after 2 steps: 0.0%" in checks["vision tower"]["detail"]
         assert "config: all   model: all" in checks["projector"]["detail"]

@@ -28,7 +28,8 @@ FINAL = ["exports/medclip", "exports/medllava", "runs/zeroshot_cxr.json", "runs/
 CHECKERS = {"data_prep.inspect", "data_prep.stream"}  # they verify a folder; reading it is not using it
 READ_FLAGS = {"--input", "--image-root", "--checkpoint", "--folder", "--csv", "--pairs", "--shards",
               "--prompts", "--concepts", "--data-root", "--annotation", "--predictions"}
-RUN_SCHEMA = {"train.clip": "clip", "train.instruct": "instruct", "eval.suite": "suite", "data_prep.stream": "data"}
+RUN_SCHEMA = {"train.clip": "clip", "train.instruct": "instruct", "eval.suite": "suite", "data_prep.stream": "data",
+              "train.preference": "preference"}
 MADE = ("runs/", "shards/", "data/", "exports/")  # made by commands or downloaded, never part of the checkout
 
 
@@ -195,7 +196,7 @@ def test_configs_named_in_readme_and_docstrings_exist():
     assert ALL_README and not problems, "README commands whose configs do not load:\n" + "\n".join(problems)
 
 
-SHIPPED = sorted(p for d in ("clip", "instruct", "data", "suite", "demo") for p in (REPO / "configs" / d).rglob("*.yaml"))
+SHIPPED = sorted(p for d in ("clip", "instruct", "preference", "data", "suite", "demo") for p in (REPO / "configs" / d).rglob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(REPO)) for p in SHIPPED])

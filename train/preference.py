@@ -9,16 +9,23 @@ stage 2, full or LoRA) or a stock VLM (``model.vlm``). ``preference.loss``: dpo 
 (vlm/preference.py; parity with TRL tested). The reference is the frozen starting policy: with LoRA the
 same model with its adapters switched off (no second copy in memory), with full tuning a frozen copy
 (sharded like the policy under FSDP2); SimPO and ORPO need none. A pair's chosen and rejected responses
-go through the same forward (rows [chosen..., rejected...]), only the final response's tokens (and its
-end-of-turn token) count. Logged: loss, rewards of chosen and rejected, margins, accuracy of the implicit
+go through the same forward, only the final response's tokens (and its end-of-turn token) count: for the
+LLaVA assembly packed (``packing``, default: one row per pair, attention kept inside each response's
+conversation, the pair's images encoded once: train/pair_packing.py), for stock VLMs as padded rows
+[chosen..., rejected...]. Logged: loss, rewards of chosen and rejected, margins, accuracy of the implicit
 reward, log-probabilities (means over every pair of the step, all ranks). With LoRA only the adapters train
 (the reference is the policy with them off). Dropout is off (disable_dropout). A pair longer than
 chat.max_length is skipped (too_long), never truncated. Same checkpoints, exact resume, DDP/FSDP2, skip
 counting as train.instruct; the loss is the mean over every pair of the step (all micro-batches and ranks),
 ORPO's NLL the mean over every chosen token of the step.
+
+``objective: grpo`` trains with GRPO and verifiable rewards instead, on instruct shards (conversations of
+question/answer turns): the ``grpo:`` section (vlm.grpo.GRPOConfig), run by train/grpo.py with the same
+model section, reference (LoRA: adapters off; full: a frozen copy; none when grpo.beta is 0) and Trainer.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import sys
@@ -33,22 +40,38 @@ from train.instruct import assembly_shard_modules, build_assistant, build_stock,
 from train.trainer import StepContext
 from vlm.data.chat import IGNORE, ChatConfig, SkipExample, encode, fit_length, normalize_conversation
 from vlm.data.shards import DataConfig, ShardLoader
+from vlm.grpo import GRPOConfig
 from vlm.preference import PreferenceLossConfig, preference_loss, token_logps
 from vlm.utils import cli
 
 log = logging.getLogger("train.preference")
 
 
+OBJECTIVES = ("preference", "grpo")
+
+
 @dataclass
 class PreferenceRunConfig:
+    objective: str = "preference"  # preference: pairs and a DPO-family loss | grpo: sampled answers, rewards
     model: AssistantModelConfig = field(default_factory=AssistantModelConfig)
     chat: ChatConfig = field(default_factory=ChatConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    preference: PreferenceLossConfig = field(default_factory=PreferenceLossConfig)
+    preference: PreferenceLossConfig = field(default_factory=PreferenceLossConfig)  # objective: preference
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)  # objective: grpo
+    packing: bool = True  # the LLaVA assembly: a pair's chosen and rejected in one row (attention kept per part),
+    #                       its images encoded once (train/pair_packing.py); stock VLMs: padded rows
     disable_dropout: bool = True  # dropout off in policy and reference (as TRL does): a stochastic reference or
     #                               policy would make the first step's loss differ from log 2 for no reason
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.grpo.beta > 0 if self.objective == "grpo" else self.preference.needs_reference
 
 
 def last_turn_only(labels: list[int]) -> list[int]:
@@ -122,21 +145,20 @@ class PreferenceTask:
     def __init__(self, cfg: PreferenceLossConfig, reference=None, lora: bool = False):
         self.cfg, self.reference, self.lora = cfg, reference, lora
 
-    def _logps(self, model, inputs: dict, labels: torch.Tensor):
+    def _logps(self, model, b: dict, device):
+        """-> (summed log-probabilities, label counts), each (2P,) as [chosen..., rejected...]."""
+        if b.get("packed_pairs"):
+            from train.pair_packing import packed_pair_logps
+
+            return packed_pair_logps(model, b, device)
+        inputs = {k: v.to(device) for k, v in b.items() if isinstance(v, torch.Tensor) and k != "labels"}
+        labels = b["labels"].to(device)
         lp = token_logps(model(**inputs, use_cache=False).logits, labels)
         return lp.sum(1), (labels[:, 1:] != IGNORE).sum(1)
 
-    def _reference(self, model, inputs, labels):
-        from train.distributed import unwrap
-        from vlm.models.lora import adapters_disabled
-
-        with torch.no_grad():
-            if self.reference is not None:
-                return self._logps(self.reference, inputs, labels)[0]
-            with adapters_disabled(unwrap(model)) as n:
-                if n == 0:
-                    raise RuntimeError("a LoRA reference needs adapters on the policy, found none")
-                return self._logps(model, inputs, labels)[0]
+    def _reference(self, model, b: dict, device):
+        with as_reference(model, self.reference) as ref:
+            return self._logps(ref, b, device)[0]
 
     def train_step(self, model, batches: list[dict], ctx: StepContext) -> dict:
         device = ctx.d.device
@@ -146,7 +168,7 @@ class PreferenceTask:
         pairs = pairs.clamp(min=1.0)
         orpo = self.cfg.loss == "orpo"
         if orpo:  # ORPO's NLL is a mean over every chosen token of the step, whatever the split
-            chosen = torch.tensor(float(sum(int((b["labels"][:b["pairs"], 1:] != IGNORE).sum()) for b in batches)),
+            chosen = torch.tensor(float(sum(int((chosen_labels(b)[:, 1:] != IGNORE).sum()) for b in batches)),
                                   device=device)
             if ctx.d.enabled:
                 dist.all_reduce(chosen)
@@ -154,11 +176,9 @@ class PreferenceTask:
         total = torch.zeros((), device=device)
         sums: dict[str, torch.Tensor] = {}
         for j, b in enumerate(batches):
-            inputs = {k: v.to(device) for k, v in b.items() if isinstance(v, torch.Tensor) and k != "labels"}
-            labels = b["labels"].to(device)
             with ctx.no_sync(last=j == len(batches) - 1), ctx.autocast():
-                pi, n = self._logps(model, inputs, labels)
-                ref = self._reference(model, inputs, labels) if self.cfg.needs_reference else None
+                pi, n = self._logps(model, b, device)
+                ref = self._reference(model, b, device) if self.cfg.needs_reference else None
                 pi_w, pi_l = pi.chunk(2)
                 n_w, n_l = n.chunk(2)
                 ref_w, ref_l = ref.chunk(2) if ref is not None else (None, None)
@@ -181,6 +201,35 @@ class PreferenceTask:
 
     def after_step(self, model) -> None:
         pass
+
+
+def chosen_labels(b: dict) -> torch.Tensor:
+    """The chosen responses' labels of a batch, padded rows (the first P) or packed pairs."""
+    return b["chosen_labels"] if b.get("packed_pairs") else b["labels"][:b["pairs"]]
+
+
+@contextlib.contextmanager
+def as_reference(model, reference):
+    """The module that computes the reference's log-probabilities, without gradient: the frozen copy
+    ``reference`` (full tuning), or with ``reference`` None the policy ``model`` itself with its adapters
+    switched off (LoRA: no second copy in memory)."""
+    from train.distributed import unwrap
+    from vlm.models.lora import adapters_disabled
+
+    with torch.no_grad():
+        if reference is not None:
+            yield reference
+            return
+        with adapters_disabled(unwrap(model)) as n:
+            if n == 0:
+                raise RuntimeError("a LoRA reference needs adapters on the policy, found none")
+            yield model
+
+
+def reference_logps(model, reference, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token log-probabilities (B, T - 1) of ``labels`` under the reference (``as_reference``)."""
+    with as_reference(model, reference) as ref:
+        return token_logps(ref(**inputs, use_cache=False).logits, labels)
 
 
 def disable_dropout(model) -> int:
@@ -219,10 +268,10 @@ def cast_like_the_policy(reference, policy, train_cfg, d) -> None:
                 b.data = b.data.to(master)
 
 
-def build_run(cfg: PreferenceRunConfig, d) -> tuple[torch.nn.Module, dict]:
-    """The policy, its reference and everything else ``Trainer(model, **kwargs)`` needs."""
-    from train.instruct import InstructCollate
-
+def build_policy(cfg: PreferenceRunConfig, d) -> dict:
+    """The policy (train.instruct's model section: the LLaVA assembly or a stock VLM) as preference tuning
+    and GRPO train it: with LoRA and a reference, only the adapters train; dropout off if configured.
+    -> {"model", "tokenizer" (the assembly's) or "processor" (a stock VLM's), "shard" (FSDP2 units), "lora"}."""
     cfg.data.require_text = False
     m = cfg.model
     if cfg.chat.template == "plain":
@@ -231,24 +280,17 @@ def build_run(cfg: PreferenceRunConfig, d) -> tuple[torch.nn.Module, dict]:
     if not m.vlm and m.stage != 2:
         raise ValueError("preference tuning trains the LLM: model.stage=2 (full) or model.stage=2 with model.lora.r")
     lora = m.lora.r > 0
+    out = {"lora": lora, "tokenizer": None, "processor": None}
     if m.vlm:
-        from vlm.data.stock_chat import StockCollate
         from vlm.models.stock import decoder_layers
 
-        model, processor = build_stock(cfg)  # (a train.instruct config section: same fields)
+        model, out["processor"] = build_stock(cfg)  # (a train.instruct config section: same fields)
         cfg.data.image.output = "pil"
-        pad = processor.tokenizer.pad_token_id
-        sample_fn = PairSample(cfg.chat, processor=processor)
-        rows = StockCollate(False, 0, pad if pad is not None else 0)
         shard = decoder_layers(model)
-        saved = processor
     else:
-        model, tokenizer = build_assistant(cfg)
-        sample_fn = PairSample(cfg.chat, tokenizer, int(model.config.image_seq_length))
-        rows = InstructCollate(False, 0, tokenizer.pad_token_id or 0)
+        model, out["tokenizer"] = build_assistant(cfg)
         shard = assembly_shard_modules(model)
-        saved = tokenizer
-    if lora and cfg.preference.needs_reference:
+    if lora and cfg.needs_reference:
         # the reference is this model with its adapters off: anything else that trained (a projector, the
         # vision tower) would move the reference too, so only the adapters train
         from vlm.models.lora import ADAPTER_PARAM
@@ -262,26 +304,69 @@ def build_run(cfg: PreferenceRunConfig, d) -> tuple[torch.nn.Module, dict]:
                      "vision) are frozen so that the reference stays the starting policy", len(frozen))
     if cfg.disable_dropout:
         disable_dropout(model)
-    reference = None
-    if cfg.preference.needs_reference and not lora:  # full tuning: a frozen copy of the starting policy
-        reference = copy.deepcopy(model).eval()
-        cast_like_the_policy(reference, model, cfg.train, d)
-        for p in reference.parameters():
-            p.requires_grad = False
-        reference.to(d.device)
-        if cfg.train.parallel in ("fsdp", "hsdp"):  # sharded like the policy: no full copy per rank
-            from train.distributed import parallelize
+    return {**out, "model": model, "shard": shard}
 
-            reference = parallelize(reference, d, cfg.train.parallel, shard, cfg.train.precision,
-                                    cfg.train.shard_group_size)
-    how = ("none needed" if not cfg.preference.needs_reference else
-           "the policy with its adapters switched off" if lora else "a frozen copy of the starting policy")
-    log.info("preference tuning: loss %s, beta %g; reference: %s", cfg.preference.loss, cfg.preference.beta, how)
-    loader = ShardLoader(cfg.data, rank=d.rank, world_size=d.world_size, sample_fn=sample_fn,
-                         collate_fn=PairCollate(rows))
-    task = PreferenceTask(cfg.preference, reference, lora)
+
+def build_reference(cfg: PreferenceRunConfig, policy, d, shard: tuple):
+    """Full tuning with a reference: a frozen copy of the starting policy with the dtypes the trainer gives the
+    policy, sharded like it under FSDP2 (no full copy per rank). None otherwise (LoRA: adapters off; or none
+    needed)."""
+    if not cfg.needs_reference or cfg.model.lora.r > 0:
+        return None
+    reference = copy.deepcopy(policy).eval()
+    cast_like_the_policy(reference, policy, cfg.train, d)
+    for p in reference.parameters():
+        p.requires_grad = False
+    reference.to(d.device)
+    if cfg.train.parallel in ("fsdp", "hsdp"):
+        from train.distributed import parallelize
+
+        reference = parallelize(reference, d, cfg.train.parallel, shard, cfg.train.precision,
+                                cfg.train.shard_group_size)
+    return reference
+
+
+def describe_reference(cfg: PreferenceRunConfig) -> str:
+    return ("none needed" if not cfg.needs_reference else
+            "the policy with its adapters switched off" if cfg.model.lora.r > 0 else
+            "a frozen copy of the starting policy")
+
+
+def build_run(cfg: PreferenceRunConfig, d) -> tuple[torch.nn.Module, dict]:
+    """The policy, its reference and everything else ``Trainer(model, **kwargs)`` needs (either objective)."""
+    from train.instruct import InstructCollate
+
+    if cfg.objective == "grpo":
+        from train.grpo import build_grpo_run
+
+        return build_grpo_run(cfg, d)
+    built = build_policy(cfg, d)
+    model, shard, processor, tokenizer = built["model"], built["shard"], built["processor"], built["tokenizer"]
+    if processor is not None:
+        from vlm.data.stock_chat import StockCollate
+
+        pad = processor.tokenizer.pad_token_id
+        sample_fn = PairSample(cfg.chat, processor=processor)
+        rows = StockCollate(False, 0, pad if pad is not None else 0)
+    else:
+        sample_fn = PairSample(cfg.chat, tokenizer, int(model.config.image_seq_length))
+        rows = InstructCollate(False, 0, tokenizer.pad_token_id or 0)
+    reference = build_reference(cfg, model, d, shard)
+    if cfg.packing and processor is None:  # the assembly: a pair per row, its images encoded once
+        from train.pair_packing import PackedPairCollate, install_encode_once
+
+        for m in (model, reference):
+            if m is not None and not install_encode_once(m):
+                raise ValueError("packing pairs needs a LLaVA model (get_image_features); set packing=false")
+        collate = PackedPairCollate(tokenizer.pad_token_id or 0)
+    else:
+        collate = PairCollate(rows)
+    log.info("preference tuning: loss %s, beta %g; reference: %s", cfg.preference.loss, cfg.preference.beta,
+             describe_reference(cfg))
+    loader = ShardLoader(cfg.data, rank=d.rank, world_size=d.world_size, sample_fn=sample_fn, collate_fn=collate)
+    task = PreferenceTask(cfg.preference, reference, built["lora"])
     return model, dict(task=task, loader=loader, cfg=cfg.train, optim_cfg=cfg.optim, d=d, run_config=cfg,
-                       shard_modules=shard, tokenizer=saved)
+                       shard_modules=shard, tokenizer=processor if processor is not None else tokenizer)
 
 
 @cli

@@ -47,16 +47,19 @@ HUB_VLM_FAMILIES = [(r"^Qwen/Qwen2\.5-VL", "qwen2_5_vl"), (r"^Qwen/Qwen2-VL", "q
 
 @dataclass
 class Rehearsal:
-    kind: str  # clip | instruct
+    kind: str  # clip | instruct | preference
     cfg: object  # the run config, shrunk
     notes: list[str] = field(default_factory=list)  # what differs from the shipped config, and why
 
 
 def config_kind(path: str | Path) -> str:
-    """clip or instruct, from the config's own keys (an assistant config names a vision tower or a chat)."""
+    """clip, instruct or preference, from the config's own keys (a preference config has a ``preference``,
+    ``grpo`` or ``objective`` section; an assistant config names a vision tower or a chat)."""
     from vlm.config import _read_yaml
 
     raw = _read_yaml(Path(path))
+    if any(k in raw for k in ("preference", "grpo", "objective")):
+        return "preference"
     model = raw.get("model") or {}
     return "instruct" if "chat" in raw or "vision" in model or "llm" in model or "vlm" in model else "clip"
 
@@ -301,15 +304,18 @@ def shrink_instruct(cfg, work: Path, synthetic: Optional[str], family_override: 
     from vlm.models.tiny import train_tokenizer
 
     notes: list[str] = []
+    kind = "preference" if hasattr(cfg, "preference") else "instruct"
     m = cfg.model
     if m.llm_quantize != "none" and not torch.cuda.is_available():
         raise ValueError(f"model.llm_quantize={m.llm_quantize} (QLoRA) needs bitsandbytes on a CUDA GPU: rehearse "
                          "this config on a GPU machine")
-    _data(cfg, "pretrain" if cfg.chat.template == "plain" else "instruct", synthetic, notes)
+    pairs = getattr(cfg, "objective", "preference") == "preference" and hasattr(cfg, "preference")
+    _data(cfg, "preference/shards" if pairs else "pretrain" if cfg.chat.template == "plain" else "instruct",
+          synthetic, notes)
     if m.vlm:
         m.vlm = str(tiny_vlm_folder(m.vlm, work / "vlm", family_override, notes))
         m.attn_impl = _gpu_kernels(m.attn_impl, "flash_attn", notes, "model.attn_impl")
-        return Rehearsal("instruct", cfg, notes)
+        return Rehearsal(kind, cfg, notes)
     m.vision = str(tiny_vision(m.vision, cfg.data.image.size, work / "vision", notes))
     if m.llm:
         m.llm = str(tiny_llm_folder(m.llm, work / "llm", family_override, notes))
@@ -332,7 +338,7 @@ def shrink_instruct(cfg, work: Path, synthetic: Optional[str], family_override: 
         save_checkpoint(work / "init" / "checkpoints", 0, model.state_dict(), {}, state)
         notes.append(f"model.init_from: {m.init_from} -> a stage-1 checkpoint of the tiny model")
         m.init_from = str(work / "init")
-    return Rehearsal("instruct", cfg, notes)
+    return Rehearsal(kind, cfg, notes)
 
 
 # -- what trains ---------------------------------------------------------------------------------------------
@@ -377,9 +383,20 @@ def instruct_group(name: str) -> str:
     return "LLM"
 
 
+def adapters_only(cfg) -> bool:
+    """Preference tuning with LoRA and a reference: the reference is the policy with its adapters off, so only
+    the adapters train (train.preference freezes the projector and the vision tower)."""
+    if not hasattr(cfg, "preference") or cfg.model.lora.r <= 0:
+        return False
+    if getattr(cfg, "objective", "preference") == "grpo":
+        return cfg.grpo.beta != 0
+    return cfg.preference.needs_reference
+
+
 def expected_instruct(cfg, present: set[str]) -> dict[str, str]:
     m = cfg.model
-    exp = {"projector": "all", "vision tower": "some" if m.stage == 2 and m.train_vision else "none",
+    exp = {"projector": "none" if adapters_only(cfg) else "all",
+           "vision tower": "some" if m.stage == 2 and m.train_vision and not adapters_only(cfg) else "none",
            "LLM": "all" if m.stage == 2 and m.lora.r <= 0 else "none"}
     if m.stage == 2 and m.lora.r > 0:
         exp["LLM adapters"] = "all"
@@ -402,8 +419,10 @@ def expected_stock(cfg, actual: dict[str, str]) -> dict[str, str]:
     lora = m.lora.r > 0
     vision = actual.get("vision tower") if actual.get("vision tower") in ("some", "all") else "all"
     present = set(actual)
-    exp = {"vision tower": "none" if "vision" in m.freeze else vision, "projector": "none" if "projector" in m.freeze
-           else "all", "LLM": "none" if lora or "llm" in m.freeze else "all"}
+    only = adapters_only(cfg)
+    exp = {"vision tower": "none" if "vision" in m.freeze or only else vision,
+           "projector": "none" if "projector" in m.freeze or only else "all",
+           "LLM": "none" if lora or "llm" in m.freeze else "all"}
     if lora:
         exp["LLM adapters"] = "all"
     return {g: v for g, v in exp.items() if g in present or v != "none"}
@@ -453,12 +472,14 @@ def _gather_counts(counts: dict, d) -> dict:
 
 
 def _build(r: Rehearsal, d):
-    """What the entry point builds for this config (train.clip / train.instruct), seeded as they seed."""
+    """What the entry point builds for this config (train.clip / train.instruct / train.preference), seeded as
+    they seed."""
     from train.clip import build_run as clip_run
     from train.instruct import build_run as instruct_run
+    from train.preference import build_run as preference_run
 
     seed_everything(r.cfg.train.seed)
-    model, kwargs = (clip_run if r.kind == "clip" else instruct_run)(r.cfg, d)
+    model, kwargs = {"clip": clip_run, "instruct": instruct_run, "preference": preference_run}[r.kind](r.cfg, d)
     kwargs.pop("tokenizer", None)
     seed_everything(r.cfg.train.seed + d.rank)
     return model, kwargs
@@ -480,10 +501,10 @@ def run(r: Rehearsal, d, steps: int = 2, max_skipped: float = 0.5) -> list[Check
     checks: list[Check] = []
 
     model, kwargs = _build(r, d)
-    if r.kind == "instruct" and r.cfg.model.vlm:
+    if r.kind != "clip" and r.cfg.model.vlm:
         group_of = stock_groups(model)
     actual = trainable_groups(model, group_of)
-    want = expected_stock(r.cfg, actual) if r.kind == "instruct" and r.cfg.model.vlm else expected(r.cfg, set(actual))
+    want = expected_stock(r.cfg, actual) if r.kind != "clip" and r.cfg.model.vlm else expected(r.cfg, set(actual))
     before = {k: v.detach().cpu().clone() for k, v in model.named_parameters()} if d.is_main else {}
     trainer = Trainer(model, **kwargs)
     res = trainer.fit()

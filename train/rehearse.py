@@ -2,6 +2,7 @@
 the same family, a few steps with a checkpoint save and a resume, and a one-screen report.
 
     python -m train.rehearse --config configs/instruct/llava_med_7b_lora.yaml
+    python -m train.rehearse --config configs/preference/llava_med_7b_report_dpo.yaml --synthetic-data /tmp/synth
     torchrun --nproc_per_node 2 -m train.rehearse --config configs/instruct/llava_med_7b_full.yaml
     python -m data_prep.synth --out /tmp/synth && \\
         python -m train.rehearse --config configs/clip/conceptclip.yaml --synthetic-data /tmp/synth
@@ -34,7 +35,7 @@ log = logging.getLogger("train.rehearse")
 def parse(argv):
     p = argparse.ArgumentParser(prog="python -m train.rehearse", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="a train.clip or train.instruct config YAML")
+    p.add_argument("--config", required=True, help="a train.clip, train.instruct or train.preference config YAML")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, as for the real run")
     p.add_argument("--synthetic-data", help="a data_prep.synth corpus to read where a configured folder is missing")
     p.add_argument("--llm-family", help="the LLM's family when its files are not local or cached "
@@ -55,11 +56,13 @@ def prepare(args, d):
     import torch.distributed as dist
 
     from train.config import ClipRunConfig, InstructRunConfig
+    from train.preference import PreferenceRunConfig
     from train.rehearsal import config_kind, shrink_clip, shrink_instruct
     from vlm.config import load_config
 
     kind = config_kind(args.config)
-    cfg = load_config(ClipRunConfig if kind == "clip" else InstructRunConfig, args.config, args.overrides)
+    cls = {"clip": ClipRunConfig, "instruct": InstructRunConfig, "preference": PreferenceRunConfig}[kind]
+    cfg = load_config(cls, args.config, args.overrides)
     box = [None]
     if d.is_main:
         work = Path(args.workdir or tempfile.mkdtemp(prefix="rehearse-")).resolve()

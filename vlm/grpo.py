@@ -14,16 +14,90 @@ correction, as TRL computes it. Per completion token t of answer i, with ratio `
 aggregated (``loss_type``) as ``grpo``: each answer's token mean, then the mean over answers (Shao et al.
 2024); ``bnpo``: the mean over every completion token of the batch; ``dr_grpo``: the token sum divided by
 answers x max_completion_length (Liu et al. 2025). Parity with TRL's GRPOTrainer loss on a fixed batch of
-samples and rewards is tested (tests/test_grpo.py).
+samples and rewards is tested (tests/test_grpo.py). ``GRPOConfig`` is the ``grpo:`` section of a
+train.preference config with ``objective: grpo`` (train/grpo.py runs it).
 """
 from __future__ import annotations
 
+import math
 import re
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Dict, Optional
 
 import torch
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
+SCALES = ("group", "batch", "none")
+QUESTIONS = ("all", "closed", "open")
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO with verifiable rewards (train.preference, ``objective: grpo``)."""
+
+    group_size: int = 8  # G: answers sampled per question (>= 2: the advantage compares them)
+    temperature: float = 1.0  # sampling temperature of the policy's answers
+    top_p: float = 1.0  # nucleus sampling (1: off)
+    max_new_tokens: int = 256  # longest answer sampled (also dr_grpo's normaliser)
+    beta: float = 0.04  # KL to the reference (the starting policy); 0: no reference, no reference forward
+    eps_low: float = 0.2  # the ratio is clipped to [1 - eps_low, 1 + eps_high]
+    eps_high: Optional[float] = None  # None: eps_low (DAPO uses 0.28)
+    loss_type: str = "grpo"  # grpo | bnpo | dr_grpo (see the module docstring)
+    scale_rewards: str = "group"  # advantages divided by the std of the group | of the step's batch | none
+    kl_ratio_correction: bool = True  # the k3 KL times the ratio (TRL's default use_bias_correction_kl)
+    # reward name (vlm/rewards.py registry) -> weight; the reward of an answer is the weighted sum. Empty (the
+    # default): {vqa: 1.0} (reward_weights; a default mapping here would be merged with the config's, not replaced)
+    rewards: Dict[str, float] = field(default_factory=dict)
+    # which question/answer turns of a conversation become prompts: all, closed (the reference answer is yes
+    # or no), open (any other answer)
+    questions: str = "all"
+    max_questions: int = 0  # at most this many prompts per sample (the first ones that pass; 0: all)
+    # the user turn's text; {question} is replaced by the question. The same template must be given to
+    # eval.vqa generate (--prompts) so the model is evaluated on the prompts it was trained on
+    prompt: str = "{question}"
+
+    def __post_init__(self):
+        if self.group_size < 2:
+            raise ValueError(f"grpo.group_size must be >= 2 (the advantage compares the answers of a group), "
+                             f"got {self.group_size}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"grpo.temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"grpo.top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"grpo.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not (self.beta >= 0 and math.isfinite(self.beta)):
+            raise ValueError(f"grpo.beta must be >= 0 (0: no KL term, no reference), got {self.beta}")
+        for name in ("eps_low", "eps_high"):
+            v = getattr(self, name)
+            if v is not None and not 0 < v < 1e3:
+                raise ValueError(f"grpo.{name} must be > 0, got {v}")
+        if self.eps_low >= 1:
+            raise ValueError(f"grpo.eps_low must be < 1 (the ratio's lower clip 1 - eps_low > 0), got {self.eps_low}")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"grpo.loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
+        if self.scale_rewards not in SCALES:
+            raise ValueError(f"grpo.scale_rewards must be one of {', '.join(SCALES)}, got {self.scale_rewards!r}")
+        if self.questions not in QUESTIONS:
+            raise ValueError(f"grpo.questions must be one of {', '.join(QUESTIONS)}, got {self.questions!r}")
+        if self.max_questions < 0:
+            raise ValueError(f"grpo.max_questions must be >= 0 (0: all), got {self.max_questions}")
+        if "{question}" not in self.prompt:
+            raise ValueError(f"grpo.prompt must contain {{question}}, got {self.prompt!r}")
+        from vlm.rewards import REWARDS
+
+        unknown = sorted(set(self.rewards) - set(REWARDS))
+        if unknown:
+            raise ValueError(f"grpo.rewards: unknown reward(s) {', '.join(map(repr, unknown))}; registered: "
+                             f"{', '.join(sorted(REWARDS))}")
+        bad = [k for k, w in self.rewards.items() if not math.isfinite(w)]
+        if bad:
+            raise ValueError(f"grpo.rewards: the weight of {', '.join(bad)} is not a finite number")
+
+    @property
+    def reward_weights(self) -> dict[str, float]:
+        """The rewards in use: ``rewards``, or {vqa: 1.0} when it is empty."""
+        return dict(self.rewards) or {"vqa": 1.0}
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
 _FORMAT = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL | re.IGNORECASE)
 

@@ -142,3 +142,38 @@ def clinical_metrics(refs: list[str], preds: list[str], which=("chexbert", "radg
             unavailable[name] = str(e)
             log.info("%s unavailable: %s", name, e)
     return scores, unavailable
+
+
+RANK_METRICS = ("bleu_4", "rouge_l", "cider", "factuality")
+
+
+def per_report_scores(refs: dict[str, str], preds: dict[str, str], metric: str, cleaner: str = "iu_xray") -> dict:
+    """{key: reference}, {key: prediction} -> {key: score} of one report against its reference, higher better:
+    bleu_4 / rouge_l / cider with R2Gen's cleaning (pycocoevalcap's per-report scores; CIDEr's document
+    frequencies come from the references given), or factuality: minus (hallucinated findings + prior-exam
+    sentences) under vlm/factuality.py's rules (0 is a report without either)."""
+    if metric not in RANK_METRICS:
+        raise ValueError(f"unknown ranking metric {metric!r} (one of {', '.join(RANK_METRICS)})")
+    keys = list(preds)
+    if metric == "factuality":
+        from vlm.factuality import report_factuality
+
+        out = {}
+        for k in keys:
+            f = report_factuality(refs[k], preds[k])
+            out[k] = -float(f["hallucinated_findings"] + f["prior_exam_sentences"])
+        return out
+    r, p = prepare({k: refs[k] for k in keys}, "r2gen", cleaner), prepare(preds, "r2gen", cleaner)
+    if metric == "bleu_4":
+        from pycocoevalcap.bleu.bleu import Bleu
+
+        per = Bleu(4).compute_score(r, p, verbose=0)[1][3]
+    elif metric == "rouge_l":
+        from pycocoevalcap.rouge.rouge import Rouge
+
+        per = Rouge().compute_score(r, p)[1]
+    else:
+        from pycocoevalcap.cider.cider import Cider
+
+        per = Cider().compute_score(r, p)[1]
+    return {k: float(s) for k, s in zip(r, per)}  # pycocoevalcap scores in the references' key order
