@@ -197,3 +197,17 @@ def test_synthetic_preference_pairs(synth_dir):
     train = factuality_metrics([a["report"] for a in ann["train"]], [a["report"] for a in ann["train"]])
     test = factuality_metrics([a["report"] for a in ann["test"]], [a["report"] for a in ann["test"]])
     assert 0.3 < train["prior_exam_report_rate"] < 0.9 and test["prior_exam_report_rate"] == 0
+
+
+def test_report_rewards_hand_computed():
+    """GRPO's report rewards (vlm/rewards.py) score the report inside <answer> like eval.report does."""
+    from vlm.rewards import get_reward
+
+    rouge, bleu, fact = (get_reward(n) for n in ("report_rouge_l", "report_bleu_4", "factuality"))
+    assert rouge(REF, REF, "") == pytest.approx(1.0) and bleu(REF, REF, "") == pytest.approx(1.0)
+    assert rouge(f"<think>left nodule</think><answer>{REF}</answer>", REF, "") == pytest.approx(1.0)
+    bad = ("Findings: The heart size is normal. There is a right pleural effusion. Unchanged since the prior study. "
+           "Impression: Right effusion.")
+    assert fact(REF, REF, "") == 1.0 and fact(bad, REF, "") == 0.0  # one hallucinated finding + one comparison
+    assert fact("Findings: Stable. Impression: Left upper nodule.", REF, "") == 0.5
+    assert 0 < rouge(bad, REF, "") < 1 and bleu("", REF, "") == pytest.approx(0.0, abs=1e-9)

@@ -16,11 +16,21 @@ vlm/vqa_metrics.py that eval.vqa reports:
     format           ``<think>...</think><answer>...</answer>`` and nothing else (``vlm.grpo.format_reward``),
                      on the whole completion
 
-More rewards (report metrics, say) are one decorated function away::
+Report rewards (the answer is the reference report; the whole completion is scored, after
+``extract_answer``):
 
-    @register("no_prior_exam")
-    def no_prior_exam(completion, answer, question):
-        return 0.0 if "prior" in completion.lower() else 1.0
+    report_rouge_l   ROUGE-L of the report against the reference, R2Gen's cleaning (vlm/report_metrics.py,
+                     pycocoevalcap's scorer: the per-report value of the metric eval.report publishes)
+    report_bleu_4    sentence-level BLEU-4, likewise
+    factuality       1 minus a penalty of 0.5 per hallucinated finding and per prior-exam sentence
+                     (vlm/factuality.py's rules), at least 0: a report without either gets 1 (an empty
+                     one too: weight it beside report_rouge_l, never alone)
+
+More rewards are one decorated function away::
+
+    @register("short")
+    def short(completion, answer, question):
+        return 1.0 if len(completion.split()) <= 50 else 0.0
 
 A name must be registered before the run config is validated (import the module that registers it).
 """
@@ -82,3 +92,24 @@ def vqa(completion: str, answer: str, question: str) -> float:
 @register("format")
 def reasoning_format(completion: str, answer: str, question: str) -> float:
     return format_reward(completion)
+
+
+def _report_score(metric: str, completion: str, answer: str) -> float:
+    from vlm.report_metrics import per_report_scores
+
+    return per_report_scores({"r": answer}, {"r": extract_answer(completion)}, metric)["r"]
+
+
+@register("report_rouge_l")
+def report_rouge_l(completion: str, answer: str, question: str) -> float:
+    return _report_score("rouge_l", completion, answer)
+
+
+@register("report_bleu_4")
+def report_bleu_4(completion: str, answer: str, question: str) -> float:
+    return _report_score("bleu_4", completion, answer)
+
+
+@register("factuality")
+def factuality(completion: str, answer: str, question: str) -> float:
+    return max(0.0, 1.0 + 0.5 * _report_score("factuality", completion, answer))
