@@ -20,8 +20,10 @@ image is the study's first view (the one eval.report generate reports on), relat
 ``eval.report generate --num-samples`` writes). ``--rank-by``: bleu_4 | rouge_l | cider (R2Gen's cleaning,
 pycocoevalcap, per report) | factuality (fewest hallucinated findings + prior-exam sentences,
 vlm/factuality.py); a study whose best and worst samples differ by less than ``--min-margin`` gives no pair.
-``--edit``: vlm.factuality.remove_unsupported. Every study left out is counted by reason; the output is
-written atomically, and a ``.stats.json`` beside it holds the counts.
+``--edit``: vlm.factuality.remove_unsupported. Everything left out is counted by reason (sample rows:
+bad_row, empty_sample, duplicate_sample; studies: unknown_study, fewer_than_two_samples, margin_below_min,
+nothing_to_remove, nothing_left_after_edit); the output is written atomically, and a ``.stats.json`` beside
+it holds the counts.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from data_prep.sources import SourceError, json_records, load_json, record_label, type_name
+from data_prep.sources import BadRow, SourceError, json_records, load_json, record_label, type_name
 from vlm.utils import atomic_write_text, cli, setup_logging
 
 log = logging.getLogger("data_prep.preference_from_samples")
@@ -65,14 +67,21 @@ def load_samples(path) -> tuple[dict[str, list[str]], Counter]:
     """Samples JSONL -> {study id: [texts, in file order, duplicates dropped]}, and the rows skipped by reason."""
     samples: dict[str, list[str]] = {}
     skipped: Counter = Counter()
-    for i, (where, r) in enumerate(json_records(path, 'JSONL of {"id", "text"}')):
-        if not isinstance(r, dict) or not isinstance(r.get("id"), (str, int)) or not isinstance(r.get("text"), str):
+    for i, (where, r) in enumerate(json_records(path, 'JSONL of {"id", "text"}', "--samples")):
+        rid = r.get("id") if isinstance(r, dict) else None
+        if isinstance(r, BadRow) or not isinstance(r, dict) or isinstance(rid, bool) or \
+                not isinstance(rid, (str, int)) or not isinstance(r.get("text"), str):
             skipped["bad_row"] += 1
-            log.warning("%s: %s: not an {\"id\", \"text\"} object, skipped", path, record_label(where, i, r))
+            why = r.detail if isinstance(r, BadRow) else 'not an {"id": string or number, "text": string} object'
+            log.warning("%s: %s: %s, skipped", path, record_label(where, i, r), why)
             continue
-        sid = str(r["id"]).split("#")[0]
+        sid = str(rid).split("#")[0]
         texts = samples.setdefault(sid, [])
-        if r["text"].strip() and r["text"] not in texts:
+        if not r["text"].strip():
+            skipped["empty_sample"] += 1
+        elif r["text"] in texts:
+            skipped["duplicate_sample"] += 1
+        else:
             texts.append(r["text"])
     return samples, skipped
 
@@ -87,7 +96,7 @@ def rank_pairs(studies: dict, samples: dict[str, list[str]], metric: str, min_ma
     pairs = []
     for sid, texts in samples.items():
         if sid not in studies:
-            counts["unknown_id"] += 1
+            counts["unknown_study"] += 1
             continue
         if len(texts) < 2:
             counts["fewer_than_two_samples"] += 1
@@ -111,7 +120,7 @@ def edit_pairs(studies: dict, samples: dict[str, list[str]] | None, counts: Coun
     source = samples if samples is not None else {sid: [s["report"]] for sid, s in studies.items()}
     for sid, texts in source.items():
         if sid not in studies:
-            counts["unknown_id"] += 1
+            counts["unknown_study"] += 1
             continue
         for text in texts:
             chosen = remove_unsupported(text, studies[sid]["report"] if samples is not None else None)

@@ -111,8 +111,9 @@ def answer_file(model, tokenizer, image: dict, items: list[tuple], out, id_key: 
                 max_new_tokens: int = 64, desc: str = "generate", sampling: Optional[dict] = None) -> int:
     """Answer ``items`` = [(id, prompt text without the image token, image path or bytes)] into the JSONL
     ``out`` ({id_key: id, "text": answer}), batched. Resumable: ids already in ``out`` are skipped.
-    Greedy, or with ``sampling`` = {"temperature", "top_p", "seed"} sampled (each batch seeded with seed + its
-    position, so a run with the same world size samples the same answers).
+    Greedy, or with ``sampling`` = {"temperature", "top_p", "seed"} sampled: each rank's items form fixed
+    batches, each seeded with seed + its position, so a run with the same world size and batch size samples
+    the same answers, resumed or not.
 
     Under torchrun each rank answers items rank, rank + W, ... into ``out``.part<rank> (appended batch by
     batch, so a killed run resumes per rank); rank 0 then merges everything into ``out`` in item order
@@ -134,15 +135,19 @@ def answer_file(model, tokenizer, image: dict, items: list[tuple], out, id_key: 
     done = _read_jsonl(out, id_key)
     for p in parts:
         done |= _read_jsonl(p, id_key)
-    todo = [it for i, it in enumerate(items) if i % world == rank and str(it[0]) not in done]
+    # this rank's items in fixed batches (the same in a resumed run, so a batch's sampling seed and companions stay
+    # the same); a batch already answered is skipped, a partly answered one regenerated and only its gaps written
+    mine = [it for i, it in enumerate(items) if i % world == rank]
+    batches = [(s, mine[s:s + batch_size]) for s in range(0, len(mine), batch_size)]
+    batches = [(s, chunk) for s, chunk in batches if any(str(it[0]) not in done for it in chunk)]
+    todo = [it for _, chunk in batches for it in chunk if str(it[0]) not in done]
     processor = image.get("processor")  # a stock VLM: its processor renders, expands and preprocesses
     if processor is None:
         transform = MedicalImageTransform(ImageConfig(size=image["size"], mean=image["mean"], std=image["std"]))
         n_img = int(model.config.image_seq_length)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(part, "a") as f:
-        for s in tqdm(range(0, len(todo), batch_size), desc=desc, unit="batch", disable=rank != 0):
-            chunk = todo[s:s + batch_size]
+        for s, chunk in tqdm(batches, desc=desc, unit="batch", disable=rank != 0):
             how = {} if not sampling else {"do_sample": True, "temperature": sampling["temperature"],
                                            "top_p": sampling["top_p"], "seed": sampling["seed"] + s * world + rank}
             if processor is not None:
@@ -165,7 +170,8 @@ def answer_file(model, tokenizer, image: dict, items: list[tuple], out, id_key: 
                 answers = generate(model, tokenizer, requests, batch_size=len(requests),
                                    max_new_tokens=max_new_tokens, **how)
             for (qid, _, _), ans in zip(chunk, answers):
-                f.write(json.dumps({id_key: qid, "text": ans}) + "\n")
+                if str(qid) not in done:
+                    f.write(json.dumps({id_key: qid, "text": ans}) + "\n")
             f.flush()
     if distributed:
         dist.barrier()

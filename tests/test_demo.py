@@ -140,6 +140,10 @@ def test_sample_and_rank_report_pairs(demo, tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         outs.append((tmp_path / f"{name}.jsonl").read_text())
     assert outs[0] == outs[1]  # same seed, same samples
+    lines = outs[0].splitlines(keepends=True)  # killed after 20 samples (a batch and a bit): resumed, the same file
+    (tmp_path / "c.jsonl").write_text("".join(lines[:20]))
+    r = subprocess.run([*gen, "--out", str(tmp_path / "c.jsonl")], cwd=root, env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and (tmp_path / "c.jsonl").read_text() == outs[0], r.stderr[-2000:]
     rows = [json.loads(x) for x in outs[0].splitlines()]
     assert [r["id"] for r in rows] == [f"{s}#{k}" for s in studies for k in range(3)]
     by_study = {s: {r["text"] for r in rows if r["id"].startswith(s + "#")} for s in studies}

@@ -24,6 +24,10 @@ REF = ("Findings: The heart size is normal. There is a 12 mm nodule in the left 
     ("The heart size is normal.", False),
     ("There is a 12 mm nodule in the left upper lung zone.", False),
     ("No acute cardiopulmonary abnormality.", False),
+    ("No previous films available; the left effusion is new since the prior study.", True),
+    ("Patient hemodynamically stable.", False),
+    ("As before, there is a left effusion.", True),
+    ("COMPARISON: Chest radiograph dated ___.", True),
 ])
 def test_prior_exam_sentences(sentence, prior):
     assert mentions_prior_exam(sentence) is prior
@@ -40,6 +44,18 @@ def test_prior_exam_sentences(sentence, prior):
     ("No effusion, but a right upper mass is present.", {Finding("mass", "right")}),
     ("Nodule in the left and right lung.", {Finding("nodule", None)}),  # two sides: none stated for the unit
     ("Cardiomegaly.", {Finding("cardiomegaly", None)}),
+    # a negation's scope ends at a new statement and after a few words; sides are the nearest one
+    ("No focal consolidation is seen, and there is a large right pneumothorax.", {Finding("pneumothorax", "right")}),
+    ("The heart is not enlarged and there is a right pleural effusion.", {Finding("effusion", "right")}),
+    ("No pneumothorax, there is a left pleural effusion.", {Finding("effusion", "left")}),
+    ("No focal consolidation, pleural effusion, or pneumothorax.", set()),
+    ("Small left pleural effusion and right lower lobe atelectasis.",
+     {Finding("effusion", "left"), Finding("atelectasis", "right")}),
+    ("Right heart border is obscured by a left lower lobe opacity.", {Finding("opacity", "left")}),
+    ("Left effusion, no right effusion.", {Finding("effusion", "left")}),
+    ("R pleural effusion.", {Finding("effusion", "right")}),
+    ("The effusion is no longer seen.", set()),
+    ("Possible right lower lobe pneumonia.", {Finding("pneumonia", "right")}),  # hedged: stated (documented)
 ])
 def test_positive_findings(text, want):
     assert positive_findings(text) == want
@@ -126,7 +142,9 @@ def test_sample_and_rank(tmp_path):
         {"id": "s2#1", "text": "Findings: The lungs are clear. Impression: Normal."},
         {"id": "zz#0", "text": good}, {"id": "zz#1", "text": bad},  # not a study of the split
         {"id": 5},  # no text
-    ]) + "\n")
+        {"id": True, "text": good},  # not an id
+        {"id": "s1#3", "text": "  "},  # empty
+    ]) + "\nnot json\n")
     for metric in ("rouge_l", "bleu_4", "factuality"):
         out = tmp_path / f"{metric}.jsonl"
         assert main(["--annotation", str(_annotation(tmp_path)), "--samples", str(samples), "--rank-by", metric,
@@ -136,7 +154,8 @@ def test_sample_and_rank(tmp_path):
         assert pair["prompt"] == "Write the radiology report for this chest x-ray."
         assert pair["chosen_score"] > pair["rejected_score"]
         stats = json.loads((tmp_path / f"{metric}.jsonl.stats.json").read_text())
-        assert stats["skipped"] == {"bad_row": 1, "fewer_than_two_samples": 1, "unknown_id": 1}
+        assert stats["skipped"] == {"bad_row": 3, "duplicate_sample": 2, "empty_sample": 1,
+                                    "fewer_than_two_samples": 1, "unknown_study": 1}
     # a margin larger than the difference leaves the study out
     out = tmp_path / "margin.jsonl"
     assert main(["--annotation", str(_annotation(tmp_path)), "--samples", str(samples), "--rank-by", "factuality",
@@ -171,6 +190,10 @@ def test_preference_from_samples_errors(tmp_path, capsys):
     assert main(["--annotation", str(bad), "--rank-by", "rouge_l", "--out", str(tmp_path / "o.jsonl")]) == 2
     assert "--samples" in capsys.readouterr().err
     assert main(["--annotation", str(tmp_path / "nope.json"), "--edit", "--out", str(tmp_path / "o.jsonl")]) == 2
+    ok = _annotation(tmp_path)
+    assert main(["--annotation", str(ok), "--samples", str(tmp_path / "missing.jsonl"), "--rank-by", "rouge_l",
+                 "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert "--samples not found" in capsys.readouterr().err
 
 
 def test_synthetic_preference_pairs(synth_dir):
@@ -210,4 +233,19 @@ def test_report_rewards_hand_computed():
            "Impression: Right effusion.")
     assert fact(REF, REF, "") == 1.0 and fact(bad, REF, "") == 0.0  # one hallucinated finding + one comparison
     assert fact("Findings: Stable. Impression: Left upper nodule.", REF, "") == 0.5
-    assert 0 < rouge(bad, REF, "") < 1 and bleu("", REF, "") == pytest.approx(0.0, abs=1e-9)
+    assert 0 < rouge(bad, REF, "") < 1
+    for empty in ("", " . ", "<answer></answer>"):  # never rewarded (R2Gen's cleaning would score " .")
+        assert rouge(empty, REF, "") == bleu(empty, REF, "") == fact(empty, REF, "") == 0.0
+
+
+def test_numbered_lists_and_long_inputs():
+    report = "1. Unchanged left effusion. 2. No pneumothorax. 3. No edema."
+    assert sentences(report) == ["1. Unchanged left effusion.", "2. No pneumothorax.", "3. No edema."]
+    assert factuality_metrics(["x"], [report])["prior_exam_sentence_rate"] == pytest.approx(1 / 3)
+    assert remove_unsupported("1. Unchanged left effusion. 2. No pneumothorax.") == "2. No pneumothorax."
+    import time
+
+    t = time.time()  # no quadratic look-back: a megabyte of one clause in seconds, not hours
+    assert positive_findings("effusion " * 120000) == {Finding("effusion", None)}
+    assert positive_findings("no effusion, " * 80000) == set()
+    assert time.time() - t < 20

@@ -206,19 +206,21 @@ def test_one_step_on_the_assembly(assets, tmp_path, lora, beta):
 # -- the step's loss = grpo_loss by hand -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("loss_type,scale", [("grpo", "group"), ("bnpo", "batch"), ("dr_grpo", "none")])
-def test_step_loss_equals_grpo_loss_by_hand(assets, tmp_path, loss_type, scale):
+@pytest.mark.parametrize("loss_type,scale,temperature", [("grpo", "group", 1.0), ("bnpo", "batch", 1.0),
+                                                       ("dr_grpo", "none", 1.0), ("grpo", "group", 0.7)])
+def test_step_loss_equals_grpo_loss_by_hand(assets, tmp_path, loss_type, scale, temperature):
     """Two micro-batches through GRPOTask.train_step; then, on the same completions: rewards from the reward
     functions, advantages from group_advantages over all of them, token log-probs of the policy and of the
     reference (adapters off) in one padded batch, and vlm.grpo.grpo_loss over every answer at once. Equal
-    loss and gradients: the micro-batch split changes nothing."""
+    loss and gradients: the micro-batch split changes nothing. The log-probabilities are those of the sampling
+    distribution (logits / temperature), as TRL computes them."""
     from train.trainer import StepContext
     from vlm.grpo import group_advantages, grpo_loss
     from vlm.models.lora import adapters_disabled
     from vlm.preference import token_logps
 
     grpo = {"loss_type": loss_type, "scale_rewards": scale, "rewards": {"vqa": 1.0, "open_recall": 0.5},
-            "beta": 0.2, "max_new_tokens": 5}
+            "beta": 0.2, "max_new_tokens": 5, "temperature": temperature}
     cfg, _ = _config(assets, tmp_path / "run", _assembly(assets), grpo, batch=1, accum=2)
     model, kw, d = _build(cfg)
     with torch.no_grad():  # adapters away from zero: the policy differs from its reference (KL > 0)
@@ -253,9 +255,9 @@ def test_step_loss_equals_grpo_loss_by_hand(assets, tmp_path, loss_type, scale):
         mask[i, :n + len(c)] = 1
     inputs = {"input_ids": ids, "attention_mask": mask,
               "pixel_values": torch.stack([p["pixel_values"] for p in prompts])}
-    lp = token_logps(model(**inputs).logits, labels)
+    lp = token_logps(model(**inputs).logits / temperature, labels)
     with torch.no_grad(), adapters_disabled(model):
-        ref = token_logps(model(**inputs).logits, labels)
+        ref = token_logps(model(**inputs).logits / temperature, labels)
     want, m = grpo_loss(lp, None, adv, labels[:, 1:] != -100, ref, beta=0.2, loss_type=loss_type,
                         max_completion_length=5)
     want.backward()

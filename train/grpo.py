@@ -133,6 +133,9 @@ def root_unsharded(module):
     if not isinstance(module, FSDPModule):
         yield
         return
+    # generate may run the vision blocks (units of their own) before any forward through the root, and FSDP2
+    # decides which unit is the root at the first root forward: settle that first (idempotent)
+    module._get_fsdp_state()._lazy_init()
     module.unshard()
     try:
         yield
@@ -267,8 +270,11 @@ class GRPOTask:
             mask = labels[:, 1:] != IGNORE  # (B, W - 1): the predictions of the completion tokens
             n_tok = int(mask.sum())
             with ctx.no_sync(last=j == len(rolls) - 1), ctx.autocast():
-                logps = token_logps(model(**inputs, use_cache=False).logits, labels)  # (B, W - 1)
-                ref = reference_logps(model, self.reference, inputs, labels) if cfg.beta > 0 else None
+                # the log-probabilities of the distribution the answers were sampled from: logits / temperature,
+                # for the policy and the reference alike (as TRL computes them)
+                logps = token_logps(model(**inputs, use_cache=False).logits / cfg.temperature, labels)  # (B, W - 1)
+                ref = reference_logps(model, self.reference, inputs, labels, cfg.temperature) if cfg.beta > 0 \
+                    else None
                 part, metrics = grpo_loss(logps, None, adv.to(device), mask, ref, beta=cfg.beta, eps_low=cfg.eps_low,
                                           eps_high=cfg.eps_high, loss_type=cfg.loss_type,
                                           max_completion_length=cfg.max_new_tokens,

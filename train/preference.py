@@ -226,10 +226,11 @@ def as_reference(model, reference):
             yield model
 
 
-def reference_logps(model, reference, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
-    """Per-token log-probabilities (B, T - 1) of ``labels`` under the reference (``as_reference``)."""
+def reference_logps(model, reference, inputs: dict, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per-token log-probabilities (B, T - 1) of ``labels`` under the reference (``as_reference``), its logits
+    divided by ``temperature``."""
     with as_reference(model, reference) as ref:
-        return token_logps(ref(**inputs, use_cache=False).logits, labels)
+        return token_logps(ref(**inputs, use_cache=False).logits / temperature, labels)
 
 
 def disable_dropout(model) -> int:

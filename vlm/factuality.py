@@ -11,11 +11,14 @@ when it matches ``PRIOR_EXAM`` and does not only say that there is no prior ("No
 comparison.", "Comparison: none.").
 
 **Findings.** A finding is a term of ``FINDING_TERMS`` (CheXpert's observations plus nodule, mass, cyst,
-granuloma...) mentioned positively: not inside the scope of a negation in its clause (NegEx-style:
-"no", "without", "negative for", "free of", "resolution of" before it; "is not seen", "is absent",
-"has resolved", "ruled out" after it; a clause ends at ";", ":", "but", "however"). Its side is the
-"left" / "right" / "bilateral" of the same clause, if any; a mention without a side of a finding the
-report also states with a side is that finding, not another one. A prediction's positive finding is
+granuloma...) mentioned positively: not inside the scope of a negation (NegEx-style: "no", "not",
+"without", "negative for", "free of", "resolution of" at most ``NEG_WINDOW`` words before it, with no
+new statement in between ("and there is", "is seen", "which", "with"); "is not seen", "is no longer
+seen", "is absent", "has resolved", "ruled out" right after it; a clause ends at ";", ":", "but",
+"however"). Hedged mentions ("possible pneumonia", "cannot be excluded") count as stated. Its side is the
+nearest "left" / "right" / "bilateral" ("R" / "L" in capitals) before it in its clause, else the one side
+named after it, if only one is; a mention without a side of a finding the report also states with a side
+is that finding, not another one. A prediction's positive finding is
 *hallucinated* when the reference report does not state that finding positively, or states it only on
 the other side (a finding without a side never conflicts on side). ``omitted`` counts the reference's
 positive findings that the prediction does not state, so that a model cannot lower its hallucination
@@ -27,6 +30,7 @@ import re
 from dataclasses import dataclass
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+_LIST_NUMBER = re.compile(r"\(?\d{1,2}[.)]")
 
 PRIOR_EXAM = re.compile(r"""
     \b(?:prior|previous|preceding|earlier|last|recent|old)\s+(?:\w+\s+){0,2}?
@@ -35,7 +39,8 @@ PRIOR_EXAM = re.compile(r"""
   | \bunchanged\b | \bno\s+(?:significant\s+|appreciable\s+|interval\s+)?change\b
   | \binterval(?:ly)?\b | \bnew\s+since\b | \bsince\s+(?:the\s+)?(?:prior|previous|last|earlier)\b
   | \bagain\s+(?:seen|noted|demonstrated|identified|visualized)\b | \bredemonstrat\w*
-  | \bstable\b | \bpreviously\b | \bpersist(?:s|ent|ing)?\b
+  | (?<!hemodynamically\s)\bstable\b | \bpreviously\b | \bpersist(?:s|ent|ing)?\b | \bas\s+before\b
+  | \bcomparison\s*:
   | \b(?:improved|improving|worsened|worsening|resolved|resolving)\b
 """, re.IGNORECASE | re.VERBOSE)
 
@@ -68,19 +73,39 @@ _CANON = [(re.compile(rf"^(?:{t})$", re.IGNORECASE), name) for t, name in FINDIN
 _CLAUSE = re.compile(r"[;:]|\bbut\b|\bhowever\b|\bexcept\b|\balthough\b", re.IGNORECASE)
 _NEG_BEFORE = re.compile(r"\b(?:no|not|without|negative\s+for|free\s+of|absence\s+of|resolution\s+of|"
                          r"rule\s+out|ruled\s+out|neither|nor|clear\s+of)\b", re.IGNORECASE)
-_NEG_AFTER = re.compile(r"^\W*(?:is|are|was|were|has|have)?\s*(?:not\s+(?:seen|present|identified|"
-                        r"visualized|evident|demonstrated)|absent|resolved|ruled\s+out)\b", re.IGNORECASE)
+_NEG_AFTER = re.compile(r"^\W*(?:is|are|was|were|has|have)?\s*(?:(?:not|no\s+longer)\s+(?:seen|present|"
+                        r"identified|visualized|evident|demonstrated)|absent|resolved|ruled\s+out)\b", re.IGNORECASE)
+# a negation reaches at most NEG_WINDOW words forward (NegEx's window, a little wider for "no focal consolidation,
+# pleural effusion, or pneumothorax") and stops at a new statement
+NEG_WINDOW = 6
+_NEG_STOP = re.compile(r"\b(?:and\s+)?there\s+(?:is|are|was|were)\b|\b(?:is|are)\s+(?:seen|noted|present|"
+                       r"identified|demonstrated)\b|\bwhich\b|\bwith\b|\bthough\b|\bwhereas\b|\bwhile\b",
+                       re.IGNORECASE)
 _HEADER = re.compile(r"^([A-Z][A-Za-z ]{0,30}:)\s*")
-_SIDE = re.compile(r"\b(left|right|bilateral(?:ly)?|both)\b", re.IGNORECASE)
+_SIDE = re.compile(r"\b(left|right|bilateral(?:ly)?|both)\b|\b([RL])\b(?=\s+\w)", re.IGNORECASE)
 
 
 def sentences(report: str) -> list[str]:
-    """A report split into sentences (at ". ", "! ", "? " and line breaks), empty pieces dropped."""
-    return [s.strip() for s in _SENTENCE_END.split(report or "") if s.strip()]
+    """A report split into sentences (at ". ", "! ", "? " and line breaks), empty pieces dropped; a list
+    number ("1.", "2)") belongs to the sentence after it."""
+    out: list[str] = []
+    number = ""
+    for piece in _SENTENCE_END.split(report or ""):
+        piece = piece.strip()
+        if not piece:
+            continue
+        if _LIST_NUMBER.fullmatch(piece):
+            number = f"{number}{piece} "
+            continue
+        out.append(number + piece)
+        number = ""
+    return out + ([number.strip()] if number else [])
 
 
 def mentions_prior_exam(sentence: str) -> bool:
-    return bool(PRIOR_EXAM.search(sentence)) and not NO_PRIOR.search(sentence)
+    """A sentence with a clause (";"-separated) that compares with a prior exam and does not only say that
+    there is none."""
+    return any(PRIOR_EXAM.search(c) and not NO_PRIOR.search(c) for c in sentence.split(";"))
 
 
 def _canonical(term: str) -> str:
@@ -90,11 +115,30 @@ def _canonical(term: str) -> str:
     raise AssertionError(term)  # every match of _FINDING is one of FINDING_TERMS
 
 
-def _side(word: str | None) -> str | None:
-    if word is None:
-        return None
-    w = word.lower()
+def _side(m: re.Match) -> str | None:
+    """A side word -> left | right | bilateral; a one-letter "R"/"L" only in capitals (None otherwise)."""
+    if m.group(2) is not None:
+        return {"R": "right", "L": "left"}.get(m.group(2))
+    w = m.group(1).lower()
     return "bilateral" if w.startswith("bilateral") or w == "both" else w
+
+
+def _negated(before: str, after: str) -> bool:
+    words = before.split()[-NEG_WINDOW:]  # only the window before the finding: linear in the clause
+    window = " ".join(words)
+    stops = list(_NEG_STOP.finditer(window))
+    if stops:
+        window = window[stops[-1].end():]
+    return bool(_NEG_BEFORE.search(window)) or bool(_NEG_AFTER.search(after[:80]))
+
+
+def _finding_side(clause: str, start: int, end: int, sides: list[tuple[int, str]]) -> str | None:
+    """The nearest side word before the finding in its clause; else the side after it, if only one is named."""
+    before = [side for pos, side in sides if pos < start]
+    if before:
+        return before[-1]
+    after = {side for pos, side in sides if pos >= end}
+    return after.pop() if len(after) == 1 else None
 
 
 @dataclass(frozen=True)
@@ -108,12 +152,11 @@ def positive_findings(text: str) -> set[Finding]:
     out: set[Finding] = set()
     for sentence in sentences(text):
         for clause in _CLAUSE.split(sentence):
-            sides = _SIDE.findall(clause)
+            sides = [(m.start(), side) for m in _SIDE.finditer(clause) if (side := _side(m)) is not None]
             for m in _FINDING.finditer(clause):
-                if _NEG_BEFORE.search(clause[:m.start()]) or _NEG_AFTER.search(clause[m.end():]):
+                if _negated(clause[max(0, m.start() - 200):m.start()], clause[m.end():]):
                     continue
-                out.add(Finding(_canonical(m.group(1)), _side(sides[0]) if len(set(map(_side, sides))) == 1
-                                else None))
+                out.add(Finding(_canonical(m.group(1)), _finding_side(clause, m.start(), m.end(), sides)))
     # "the nodule" without a side, beside "a nodule in the left upper zone", is that nodule: one finding
     sided = {f.name for f in out if f.side is not None}
     return {f for f in out if f.side is not None or f.name not in sided}

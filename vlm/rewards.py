@@ -23,8 +23,9 @@ Report rewards (the answer is the reference report; the whole completion is scor
                      pycocoevalcap's scorer: the per-report value of the metric eval.report publishes)
     report_bleu_4    sentence-level BLEU-4, likewise
     factuality       1 minus a penalty of 0.5 per hallucinated finding and per prior-exam sentence
-                     (vlm/factuality.py's rules), at least 0: a report without either gets 1 (an empty
-                     one too: weight it beside report_rouge_l, never alone)
+                     (vlm/factuality.py's rules), at least 0: a report without either gets 1
+
+An empty report (no letter or digit) gets 0 from every report reward.
 
 More rewards are one decorated function away::
 
@@ -94,22 +95,27 @@ def reasoning_format(completion: str, answer: str, question: str) -> float:
     return format_reward(completion)
 
 
-def _report_score(metric: str, completion: str, answer: str) -> float:
+def _report_score(metric: str, completion: str, answer: str) -> float | None:
+    """One report's score, or None for an empty one (no letter or digit: R2Gen's cleaning would score " .")."""
     from vlm.report_metrics import per_report_scores
 
-    return per_report_scores({"r": answer}, {"r": extract_answer(completion)}, metric)["r"]
+    report = extract_answer(completion)
+    if not any(ch.isalnum() for ch in report):
+        return None
+    return per_report_scores({"r": answer}, {"r": report}, metric)["r"]
 
 
 @register("report_rouge_l")
 def report_rouge_l(completion: str, answer: str, question: str) -> float:
-    return _report_score("rouge_l", completion, answer)
+    return _report_score("rouge_l", completion, answer) or 0.0
 
 
 @register("report_bleu_4")
 def report_bleu_4(completion: str, answer: str, question: str) -> float:
-    return _report_score("bleu_4", completion, answer)
+    return _report_score("bleu_4", completion, answer) or 0.0
 
 
 @register("factuality")
 def factuality(completion: str, answer: str, question: str) -> float:
-    return max(0.0, 1.0 + 0.5 * _report_score("factuality", completion, answer))
+    penalty = _report_score("factuality", completion, answer)
+    return 0.0 if penalty is None else max(0.0, 1.0 + 0.5 * penalty)

@@ -135,12 +135,13 @@ def load_json(path, what: str):
         raise SourceError(f"{p}: {e}") from None
 
 
-def json_records(path, layout: str) -> list[tuple[str, object]]:
+def json_records(path, layout: str, flag: str = "--input") -> list[tuple[str, object]]:
     """A record file: JSONL (rows ``line N``, bad JSON already a ``BadRow``) or a JSON list (``record N``).
-    ``layout`` completes the error for any other JSON: "<path>: <layout>, found <type>"."""
+    ``layout`` completes the error for any other JSON: "<path>: <layout>, found <type>"; ``flag`` names the
+    option that gave the file in a not-found error."""
     if str(path).endswith((".jsonl", ".ndjson")):
-        return load_table(path)[1]
-    data = load_json(path, "--input")
+        return load_table(path, flag)[1]
+    data = load_json(path, flag)
     if not isinstance(data, list):
         raise SourceError(f"{path}: {layout}, found {type_name(data)}")
     return [(f"record {i}", r) for i, r in enumerate(data)]
@@ -251,16 +252,16 @@ def _read_csv(p: Path, text: str) -> tuple[list[str], list[tuple[str, dict | Bad
         csv.field_size_limit(old)
 
 
-def load_table(path) -> tuple[list[str], list[tuple[str, dict | BadRow]]]:
+def load_table(path, flag: str = "--input") -> tuple[list[str], list[tuple[str, dict | BadRow]]]:
     """CSV/TSV, JSONL or a JSON list -> (columns, [(label, row)]): each row a dict or a ``BadRow``.
 
     Labels name the row for the summary: ``line N`` (CSV/TSV, JSONL: the line the row starts on) or
     ``record N`` (a JSON list, 0-based).
     """
-    p = require_file(path, "--input")
+    p = require_file(path, flag)
     suffix = p.suffix.lower()
     if suffix == ".json":
-        data = load_json(p, "--input")
+        data = load_json(p, flag)
         if not isinstance(data, list):
             raise SourceError(f"{p}: expected a JSON list of objects, found {type_name(data)}")
         rows = [(f"record {i}", r if isinstance(r, dict) else BadRow(f"record {i}", f"{type_name(r)}, not an object"))
