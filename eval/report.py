@@ -44,8 +44,12 @@ def score(args) -> dict:
         preds, missing = {it.id: args.constant for it in items}, []
     else:
         preds, missing = read_predictions(args.predictions, "id", [it.id for it in items], args.allow_missing)
+    from vlm.grpo import answer_format, extract_answer
+
     raw_refs = {it.id: it.report for it in items}
-    raw_preds = {it.id: preds.get(it.id, "") for it in items}
+    outputs = {it.id: preds.get(it.id, "") for it in items}  # as generated (kept in the CSV)
+    formats = [answer_format(t) for t in outputs.values()]
+    raw_preds = {k: extract_answer(t) for k, t in outputs.items()}  # a reasoning-style output's report
     # empty or whitespace-only reports still score above 0 under the protocols (R2Gen's cleaning turns "" into
     # " ."): the numbers stay the protocol's, and how many there were is reported beside them
     num_empty = sum(not any(ch.isalnum() for ch in raw_preds[it.id]) for it in items)  # "", " ", ".", a zero-width space
@@ -59,6 +63,7 @@ def score(args) -> dict:
     result = {"benchmark": args.benchmark, "split": args.split, "text_processing": args.text,
               **({"constant_report": args.constant} if getattr(args, "constant", None) is not None else {}),
               "num_reports": len(items), "num_missing": len(missing), "num_empty": num_empty, **scores,
+              "format_rate": sum(f != "plain" for f in formats) / len(formats),
               # on the raw texts (the rules read sentence ends, sides and negations that the cleaning keeps or not)
               "factuality": factuality_metrics([raw_refs[i] for i in ids], [raw_preds[i] for i in ids])}
     if not args.no_clinical:
@@ -71,9 +76,9 @@ def score(args) -> dict:
     atomic_write_text(out, json.dumps(result, indent=1) + "\n")
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["id", "reference", "prediction", "reference_processed", "prediction_processed"])
+    w.writerow(["id", "reference", "prediction", "reference_processed", "prediction_processed", "raw_output"])
     for it in items:
-        w.writerow([it.id, raw_refs[it.id], raw_preds[it.id], refs[it.id][0], hyps[it.id][0]])
+        w.writerow([it.id, raw_refs[it.id], raw_preds[it.id], refs[it.id][0], hyps[it.id][0], outputs[it.id]])
     atomic_write_text(out.with_suffix(".reports.csv"), buf.getvalue())
     return result
 

@@ -36,15 +36,20 @@ def score(args) -> dict:
     if not items:
         raise ValueError(f"{args.benchmark}: no questions in split {bench.split!r} (lang {args.lang})")
     preds, missing = read_predictions(args.predictions, "question_id", [it.qid for it in items], args.allow_missing)
-    from vlm.grpo import extract_answer
+    from vlm.grpo import answer_format, extract_answer
 
-    # reasoning-style outputs (<think>...</think><answer>...</answer>) are scored on their answer: the same
-    # extraction the GRPO correctness reward reads
-    tagged = sum(1 for it in items if "<answer>" in preds.get(str(it.qid), "").lower())
-    scored = [score_question(it.qid, it.question, it.answer, extract_answer(preds.get(str(it.qid), "")),
-                             it.answer_type, it.categories) for it in items]
+    # reasoning-style outputs (<think>...</think><answer>...</answer>, "... The answer is X.") are scored on their
+    # answer: the same extraction the GRPO correctness reward reads; the raw output stays in the CSV
+    raw = {str(it.qid): preds.get(str(it.qid), "") for it in items}
+    formats = [answer_format(raw[str(it.qid)]) for it in items]
+    scored = [score_question(it.qid, it.question, it.answer, extract_answer(raw[str(it.qid)]), it.answer_type,
+                             it.categories) for it in items]
+    for q in scored:
+        q.raw = raw[str(q.qid)]
     result = {"benchmark": args.benchmark, "split": bench.split, "lang": args.lang, **aggregate(scored),
-              "num_missing": len(missing), "num_answer_tags": tagged}
+              "num_missing": len(missing), "num_answer_tags": formats.count("tags"),
+              "format_rate": sum(f != "plain" for f in formats) / len(formats),
+              "answer_formats": {f: formats.count(f) for f in sorted(set(formats))}}
     if missing:
         log.warning("%d questions had no prediction and were scored as wrong", len(missing))
     if args.bootstrap:
@@ -80,11 +85,12 @@ def _csv(scored) -> str:
     w = csv.writer(buf)
     cats = sorted({k for q in scored for k in q.categories})
     w.writerow(["question_id", "answer_type", "question", "answer", "prediction", "strict_correct",
-                "exact_match", "token_f1", "recall", "llava_med_hit", "llava_med_recall", *cats])
+                "exact_match", "token_f1", "recall", "llava_med_hit", "llava_med_recall", *cats, "raw_output"])
     for q in scored:
         w.writerow([q.qid, q.answer_type, q.question, q.answer, q.prediction, q.strict.get("correct", ""),
                     q.strict.get("exact_match", ""), q.strict.get("token_f1", ""), q.strict.get("recall", ""),
-                    q.llava_med["hit"], q.llava_med.get("recall", ""), *[q.categories.get(c, "") for c in cats]])
+                    q.llava_med["hit"], q.llava_med.get("recall", ""), *[q.categories.get(c, "") for c in cats],
+                    q.raw or q.prediction])
     return buf.getvalue()
 
 

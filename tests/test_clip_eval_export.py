@@ -148,3 +148,21 @@ def test_zeroshot_on_shards_with_concept_fusion(trained, synth_dir, tmp_path):
     assert zeroshot_main(["--checkpoint", str(trained), "--shards", str(synth_dir / "pretrain"),
                           "--prompts", str(REPO / "configs/prompts/synth_modality.yaml"), "--out", str(out),
                           "--concept-fusion", "0.5"]) == 2  # no concepts in that prompt file
+
+
+def test_linear_probe_entry_point(trained, synth_dir, tmp_path, capsys):
+    """eval.probe linear: features from the pretraining shards (a sample's class matched in meta.labels) and
+    the class-folder test set; every run and the per-fraction summary in the result."""
+    from eval.probe import main
+
+    out = tmp_path / "probe.json"
+    test = synth_dir / "eval/zeroshot/modality"
+    assert main(["linear", "--checkpoint", str(trained), "--train-shards", str(synth_dir / "pretrain"), "--test",
+                 str(test), "--fractions", "0.1,1", "--seeds", "0", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["classes"] == sorted(p.name for p in test.iterdir() if p.is_dir())
+    assert r["num_train_images"] > 0 and r["train_skipped"] == 0 and set(r["by_fraction"]) == {"0.1", "1.0"}
+    assert r["by_fraction"]["1.0"]["accuracy"]["mean"] > 1 / len(r["classes"])  # above chance after 8 steps
+    assert "| 1 |" in capsys.readouterr().out
+    assert main(["linear", "--checkpoint", str(trained), "--train-shards", str(synth_dir / "pretrain"), "--test",
+                 str(test), "--fractions", "0,1", "--out", str(out)]) == 2

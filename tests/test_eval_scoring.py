@@ -149,6 +149,12 @@ def test_reasoning_outputs_are_scored_on_their_answer(slake_val, tmp_path):
                          "--predictions", str(preds), "--out", str(out), "--bootstrap", "0"]) == 0
     p, t = json.loads(out_p.read_text()), json.loads(out_t.read_text())
     assert t["num_answer_tags"] == len(recs) and p["num_answer_tags"] == 0
+    assert (t["format_rate"], p["format_rate"]) == (1.0, 0.0) and t["answer_formats"] == {"tags": len(recs)}
     for key in ("closed_accuracy", "open_recall", "exact_match", "token_f1"):
         assert t[key] == p[key] == 1.0
     assert t["llava_med"] == p["llava_med"]
+    import csv
+
+    with open(out_t.with_suffix(".questions.csv"), newline="") as f:  # the raw output kept beside the answer
+        rows = list(csv.DictReader(f))
+    assert all(r["raw_output"].startswith("<think>") and not r["prediction"].startswith("<") for r in rows)

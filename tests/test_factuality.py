@@ -112,7 +112,9 @@ def test_report_score_includes_factuality(tmp_path):
     out = tmp_path / "r.json"
     assert main(["score", "--benchmark", "iu_xray", "--annotation", str(tmp_path / "annotation.json"),
                  "--predictions", str(preds), "--out", str(out), "--no-clinical"]) == 0
-    f = json.loads(out.read_text())["factuality"]
+    r = json.loads(out.read_text())
+    f = r["factuality"]
+    assert r["format_rate"] == 0.0
     assert f["prior_exam_sentence_rate"] == pytest.approx(1 / 7) and f["prior_exam_report_rate"] == 0.5
     assert f["hallucinated_finding_rate"] == pytest.approx(1 / 2)  # the mass; the nodule is supported
 
@@ -249,3 +251,27 @@ def test_numbered_lists_and_long_inputs():
     assert positive_findings("effusion " * 120000) == {Finding("effusion", None)}
     assert positive_findings("no effusion, " * 80000) == set()
     assert time.time() - t < 20
+
+
+def test_reasoning_reports_are_scored_on_their_answer(tmp_path):
+    """eval.report score reads the report inside <answer> (the thinking may name findings the report does not):
+    the same scores as the plain reports, format_rate 1, the raw output kept in the CSV."""
+    import csv
+
+    from eval.report import main
+
+    ann = {"test": [{"id": "a", "report": REF, "image_path": ["a/0.png"]}]}
+    (tmp_path / "annotation.json").write_text(json.dumps(ann))
+    results = {}
+    for name, text in (("plain", REF), ("think", f"<think>Right effusion? No, a left nodule.</think><answer>{REF}</answer>")):
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps({"id": "a", "text": text}) + "\n")
+        assert main(["score", "--benchmark", "iu_xray", "--annotation", str(tmp_path / "annotation.json"),
+                     "--predictions", str(tmp_path / f"{name}.jsonl"), "--out", str(tmp_path / f"{name}.json"),
+                     "--no-clinical"]) == 0
+        results[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    p, t = results["plain"], results["think"]
+    assert (p["format_rate"], t["format_rate"]) == (0.0, 1.0)
+    assert all(p[k] == t[k] for k in ("bleu_4", "rouge_l", "cider", "factuality"))
+    with open(tmp_path / "think.reports.csv", newline="") as f:
+        row = next(csv.DictReader(f))
+    assert row["prediction"] == REF and row["raw_output"].startswith("<think>")

@@ -24,10 +24,23 @@ from vlm.grpo import extract_answer, format_reward, group_advantages, grpo_loss
     ("<think>unfinished <answer>yes", "<think>unfinished <answer>yes", 0.0),  # no complete tag: as it is
     ("yes", "yes", 0.0),
     ("", "", 0.0),
+    ("Looking at the lungs, the answer is yes.", "yes", 0.0),  # "the answer is X": X, to the sentence's end
+    ("The final answer is: left upper lobe", "left upper lobe", 0.0),
+    ("The answer is (B) lung. It could not be A.", "(B) lung", 0.0),
+    ("<think>yes or no? The answer is yes, or no.</think> no", "no", 0.0),  # the reasoning never counts
+    (" no ", " no ", 0.0),  # a plain answer: unchanged
 ])
 def test_answer_extraction_and_format_reward(text, answer, fmt):
     assert extract_answer(text) == answer
     assert format_reward(text) == fmt
+
+
+@pytest.mark.parametrize("text,kind", [("<think>a</think><answer>b</answer>", "tags"), ("So the answer is b.", "answer_is"),
+                                       ("<think>a</think> b", "after_think"), ("b", "plain"), ("<answer>b", "plain")])
+def test_answer_format(text, kind):
+    from vlm.grpo import answer_format
+
+    assert answer_format(text) == kind
 
 
 def test_group_advantages_hand_computed():

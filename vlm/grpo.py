@@ -102,12 +102,36 @@ _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
 _FORMAT = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL | re.IGNORECASE)
 
 
+_ANSWER_IS = re.compile(r"\b(?:the\s+)?(?:final\s+|correct\s+)?answer\s+is\s*:?\s*(.+?)\s*(?:\.\s|\.?$|\n)",
+                        re.IGNORECASE | re.DOTALL)
+_THINK_END = re.compile(r"</think>", re.IGNORECASE)
+
+
+def answer_format(text: str) -> str:
+    """How an output states its answer: ``tags`` (a complete ``<answer>...</answer>``), ``answer_is``
+    ("... The answer is X."), ``after_think`` (plain text after a closed ``<think>`` block) or ``plain``."""
+    if _ANSWER.search(text):
+        return "tags"
+    tail = _THINK_END.split(text)[-1]
+    if _ANSWER_IS.search(tail):
+        return "answer_is"
+    return "after_think" if len(_THINK_END.split(text)) > 1 else "plain"
+
+
 def extract_answer(text: str) -> str:
-    """The answer of a reasoning-style output: the content of its last ``<answer>...</answer>`` (stripped);
-    an output without a complete answer tag is returned unchanged (a plain answer, scored as it always was). What eval scores and
-    what the GRPO correctness reward reads are this same function."""
+    """The answer of a reasoning-style output, by ``answer_format``: the content of its last
+    ``<answer>...</answer>``; else what follows the last "the answer is" (up to the end of that sentence);
+    else the text after the last ``</think>`` (the reasoning never counts); else the output unchanged (a
+    plain answer, scored as it always was). Stripped. What eval scores and what the GRPO correctness reward
+    reads are this same function."""
     found = _ANSWER.findall(text)
-    return found[-1].strip() if found else text
+    if found:
+        return found[-1].strip()
+    tail = _THINK_END.split(text)[-1]
+    said = _ANSWER_IS.findall(tail)
+    if said:
+        return said[-1].strip()
+    return tail.strip() if tail is not text else text
 
 
 def format_reward(text: str) -> float:

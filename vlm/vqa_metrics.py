@@ -226,6 +226,7 @@ class ScoredQuestion:
     categories: dict = field(default_factory=dict)
     strict: dict = field(default_factory=dict)
     llava_med: dict = field(default_factory=dict)
+    raw: str = ""  # the output as generated, when the prediction scored is the answer extracted from it
 
 
 def score_question(qid, question: str, answer: str, prediction: str, answer_type: str,
