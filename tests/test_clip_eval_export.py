@@ -166,3 +166,38 @@ def test_linear_probe_entry_point(trained, synth_dir, tmp_path, capsys):
     assert "| 1 |" in capsys.readouterr().out
     assert main(["linear", "--checkpoint", str(trained), "--train-shards", str(synth_dir / "pretrain"), "--test",
                  str(test), "--fractions", "0,1", "--out", str(out)]) == 2
+
+
+def test_multilabel_and_retrieval_entry_points(trained, synth_dir, tmp_path, capsys):
+    """CheXpert-layout labels over the synthetic finding images (effusion and mass columns, an uncertain and a
+    blank label, a row naming a missing image and one leaving the image root): AUROC per finding, skips
+    counted; image-to-image retrieval on the class folders."""
+    from eval.probe import main
+
+    root = synth_dir / "eval/zeroshot/finding"
+    rows = ["Path,Sex,Age,Frontal/Lateral,AP/PA,Pleural Effusion,Mass"]
+    for i, p in enumerate(sorted(root.glob("*/*.png"))):
+        cls = p.parent.name
+        eff = "-1.0" if i == 0 else ("1.0" if cls == "effusion" else "0.0")
+        rows.append(f"{cls}/{p.name},,,Frontal,PA,{eff},{'1.0' if cls == 'mass' else ('' if i == 1 else '0.0')}")
+    rows += ["none/missing.png,,,Frontal,PA,0.0,0.0", "../../slake/test.json,,,Frontal,PA,0.0,0.0"]
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "prompts.yaml").write_text(
+        "templates: ['there is a {c}.', 'an image showing a {c}.']\nnegative_templates: ['no {c}.', 'an image with no {c}.']\n"
+        "classes:\n  pleural_effusion: [effusion, pleural effusion]\n  mass: [mass, large mass]\n")
+    out = tmp_path / "ml.json"
+    assert main(["multilabel", "--checkpoint", str(trained), "--labels", str(tmp_path / "labels.csv"), "--layout",
+                 "chexpert", "--image-root", str(root), "--prompts", str(tmp_path / "prompts.yaml"),
+                 "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    n = len(rows) - 3
+    assert r["num_images"] == n and r["skipped"] == {"missing_image": 1, "outside_root": 1}
+    eff = r["per_finding"]["pleural_effusion"]
+    assert eff["num_positive"] + eff["num_negative"] == n - 1  # the uncertain label left out (ignore)
+    assert r["per_finding"]["mass"]["num_positive"] + r["per_finding"]["mass"]["num_negative"] == n  # blank: 0
+    assert 0 <= eff["auroc"] <= 1 and r["label_counts"] == {"uncertain": 1, "blank": 1}
+    assert "pleural_effusion" in capsys.readouterr().out
+    out = tmp_path / "ret.json"
+    assert main(["retrieval", "--checkpoint", str(trained), "--folder", str(root), "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert set(r) >= {"r1", "r5", "r10", "chance_r1", "per_class_r1"} and r["r10"] >= r["r1"]

@@ -31,9 +31,11 @@ class PromptConfig:
     classes: dict[str, list[str]] = field(default_factory=dict)
     # optional, for ConceptCLIP-style fusion: concept names whose presence supports each class
     concepts: dict[str, list[str]] = field(default_factory=dict)
+    # optional, for multi-label zero-shot (eval.probe multilabel): templates stating the class is absent
+    negative_templates: list[str] = field(default_factory=list)
 
     def __post_init__(self):
-        bad = [t for t in self.templates if "{c}" not in t]
+        bad = [t for t in [*self.templates, *self.negative_templates] if "{c}" not in t]
         if bad:
             raise ValueError(f"prompt templates need a {{c}} placeholder: {bad}")
         if not self.templates:
