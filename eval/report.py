@@ -11,7 +11,8 @@ BLEU-1..4, METEOR, ROUGE-L and CIDEr (--text ptb: the COCO caption protocol; raw
 only). Always beside them, on the raw texts, "factuality" (vlm/factuality.py's documented lexical rules):
 prior_exam_sentence_rate / prior_exam_report_rate (sentences that compare with a prior exam the model never
 saw) and hallucinated_finding_rate / hallucinated_report_rate (findings stated positively that the reference
-does not state, or states on the other side), with omitted_finding_rate. CheXbert and RadGraph F1 are added when their packages and weights are installed locally,
+does not state, or states on the other side), with omitted_finding_rate. CheXbert F1, RadGraph F1, GREEN and
+RaTEScore are added when their packages and weights are installed locally,
 else listed under "unavailable" with the reason. Also writes OUT's stem + .reports.csv.
 """
 from __future__ import annotations
@@ -123,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--text", default="r2gen", choices=["r2gen", "ptb", "raw"],
                    help="text processing before scoring (default r2gen: R2Gen's cleaning)")
     s.add_argument("--allow-missing", action="store_true", help="score studies without a prediction as empty")
-    s.add_argument("--no-clinical", action="store_true", help="skip CheXbert/RadGraph even if installed")
+    s.add_argument("--no-clinical", action="store_true", help="skip CheXbert/RadGraph/GREEN/RaTEScore even if installed")
     g = sub.add_parser("generate", help="write reports for a split with a trained assistant (JSONL)")
     g.add_argument("--checkpoint", required=True,
                    help="a train.instruct run/checkpoint, a transformers export, or any stock VLM folder or hub id")

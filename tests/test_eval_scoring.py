@@ -117,8 +117,9 @@ def test_iu_xray_fixture_scores(tmp_path):
     assert p["num_reports"] == len(ann["val"])
     assert p["bleu_4"] > 0.99 and p["rouge_l"] > 0.99 and p["meteor"] > 0.9 and p["cider"] > c["cider"]
     assert c["bleu_1"] < p["bleu_1"] and c["bleu_4"] < 0.2
-    assert set(p["unavailable"]) >= {"chexbert", "radgraph"}  # no weights here: said, not crashed
+    assert set(p["unavailable"]) >= {"chexbert", "radgraph", "green", "ratescore"}  # no weights here: said
     assert "not installed" in p["unavailable"]["chexbert"]
+    assert "green_score" in p["unavailable"]["green"] and "RaTEScore" in p["unavailable"]["ratescore"]
     assert (tmp_path / "p.reports.csv").exists()
 
 
@@ -158,3 +159,21 @@ def test_reasoning_outputs_are_scored_on_their_answer(slake_val, tmp_path):
     with open(out_t.with_suffix(".questions.csv"), newline="") as f:  # the raw output kept beside the answer
         rows = list(csv.DictReader(f))
     assert all(r["raw_output"].startswith("<think>") and not r["prediction"].startswith("<") for r in rows)
+
+
+def test_clinical_metrics_without_weights_say_why(monkeypatch):
+    """An installed package whose model is not in the local Hugging Face cache: unavailable with that reason,
+    looked up without a download (a stand-in module plays the installed package; its scorer must never run)."""
+    import sys
+    import types
+
+    from vlm import report_metrics
+
+    ran = []
+    fake = types.ModuleType("RaTEScore")
+    fake.RaTEScore = lambda: ran.append(1)
+    monkeypatch.setitem(sys.modules, "RaTEScore", fake)
+    monkeypatch.setattr(report_metrics, "_cached", lambda repo: repo == report_metrics.RATESCORE_MODELS[0])
+    scores, unavailable = report_metrics.clinical_metrics(["a"], ["b"], which=("ratescore",))
+    assert scores == {} and not ran
+    assert "['FremyCompany/BioLORD-2023-C'] are not in the local Hugging Face cache" in unavailable["ratescore"]

@@ -9,8 +9,10 @@ on one reference per study. ``text="ptb"`` uses the COCO caption protocol (PTBTo
 ``text="raw"`` only lower-cases and splits on white space.
 
 Clinical metrics: CheXbert F1 (micro/macro over the 14 observations and the top-5 subset) through
-the ``f1chexbert`` package and RadGraph F1 through ``radgraph``, when those packages and their
-weights are present locally; otherwise each is reported as unavailable with the reason.
+the ``f1chexbert`` package, RadGraph F1 through ``radgraph``, GREEN through ``green_score`` and RaTEScore
+through ``RaTEScore``, when those packages and their weights are present locally (GREEN's and
+RaTEScore's models are looked up in the Hugging Face cache first: nothing is downloaded); otherwise each is
+reported as unavailable with the reason.
 """
 from __future__ import annotations
 
@@ -131,9 +133,68 @@ def radgraph_f1(refs: list[str], preds: list[str]) -> dict:
     return {"f1_partial": float(score)}
 
 
-def clinical_metrics(refs: list[str], preds: list[str], which=("chexbert", "radgraph")) -> tuple[dict, dict]:
+GREEN_MODEL = "StanfordAIMI/GREEN-radllama2-7b"
+RATESCORE_MODELS = ("Angelakeke/RaTE-NER-Deberta", "FremyCompany/BioLORD-2023-C")
+
+
+def _cached(repo: str) -> bool:
+    """Whether a hub model is in the local Hugging Face cache (looked up, never downloaded)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo, "config.json"), str)
+    except Exception:
+        return False
+
+
+def green(refs: list[str], preds: list[str]) -> dict:
+    """GREEN (Ostmeier et al. 2024) through the ``green_score`` package: an LLM judge counting clinically
+    significant errors; mean and standard deviation over the reports."""
+    try:
+        from green_score import GREEN
+    except ImportError:
+        raise RuntimeError("package green_score is not installed (pip install green-score; it runs the "
+                           f"{GREEN_MODEL} model from the local Hugging Face cache, on a GPU)") from None
+    if not _cached(GREEN_MODEL):
+        raise RuntimeError(f"the GREEN model {GREEN_MODEL} is not in the local Hugging Face cache (download it "
+                           "where there is network; nothing is downloaded here)")
+    import tempfile
+
+    try:
+        mean, std, *_ = GREEN(model_name=GREEN_MODEL, output_dir=tempfile.mkdtemp(prefix="green-"))(refs, preds)
+    except Exception as e:
+        raise RuntimeError(f"GREEN could not run: {type(e).__name__}: {e}") from None
+    return {"mean": float(mean), "std": float(std)}
+
+
+def ratescore(refs: list[str], preds: list[str]) -> dict:
+    """RaTEScore (Zhao et al. 2024) through the ``RaTEScore`` package: entity-level similarity of the reports;
+    the mean over the reports."""
+    try:
+        from RaTEScore import RaTEScore
+    except ImportError:
+        raise RuntimeError("package RaTEScore is not installed (pip install RaTEScore; it needs "
+                           f"{' and '.join(RATESCORE_MODELS)} in the local Hugging Face cache)") from None
+    missing = [m for m in RATESCORE_MODELS if not _cached(m)]
+    if missing:
+        raise RuntimeError(f"RaTEScore's models {missing} are not in the local Hugging Face cache (nothing is "
+                           "downloaded here)")
+    try:
+        scores = RaTEScore().compute_score(preds, refs)
+    except Exception as e:
+        raise RuntimeError(f"RaTEScore could not run: {type(e).__name__}: {e}") from None
+    return {"mean": float(sum(scores) / max(len(scores), 1))}
+
+
+CLINICAL = ("chexbert", "radgraph", "green", "ratescore")
+
+
+def clinical_metrics(refs: list[str], preds: list[str], which=CLINICAL) -> tuple[dict, dict]:
+    """The clinical metrics whose packages and weights are here; every other one is in ``unavailable`` with
+    the reason (never skipped silently)."""
     scores, unavailable = {}, {}
-    for name, fn in (("chexbert", chexbert_f1), ("radgraph", radgraph_f1)):
+    for name, fn in (("chexbert", chexbert_f1), ("radgraph", radgraph_f1), ("green", green),
+                     ("ratescore", ratescore)):
         if name not in which:
             continue
         try:
