@@ -172,18 +172,19 @@ def image_retrieval(feats, labels: np.ndarray, ks=(1, 5, 10)) -> dict:
     return out
 
 
-def _resolve_inside(paths: list[str], root: Path) -> tuple[list[int], dict]:
-    """Indices of the paths that are files inside ``root``; the others counted (outside_root, missing_image)."""
-    root = root.resolve()
-    keep, skipped = [], {}
+def _files_inside(paths: list[str], root: Path) -> tuple[dict[int, str], dict]:
+    """{index: resolved path} of the paths that are files inside ``root`` (vlm.data.paths.resolve_inside:
+    nothing outside the root is looked at); the others counted (outside_root, missing_image)."""
+    from vlm.data.paths import resolve_inside
+
+    keep, skipped = {}, {}
     for i, p in enumerate(paths):
-        q = Path(p).resolve()
-        if root not in q.parents:
-            skipped["outside_root"] = skipped.get("outside_root", 0) + 1
-        elif not q.is_file():
-            skipped["missing_image"] = skipped.get("missing_image", 0) + 1
+        q = resolve_inside(root, p)
+        why = "outside_root" if q is None else None if q.is_file() else "missing_image"
+        if why:
+            skipped[why] = skipped.get(why, 0) + 1
         else:
-            keep.append(i)
+            keep[i] = str(q)
     return keep, skipped
 
 
@@ -202,7 +203,7 @@ def run_multilabel(args) -> dict:
     if missing or not wanted:
         raise ValueError(f"findings {missing or wanted} need a column in {args.labels} ({table.findings}) and "
                          f"prompts in {args.prompts} ({sorted(prompts.classes)})")
-    keep, skipped = _resolve_inside(table.paths, Path(args.image_root))
+    keep, skipped = _files_inside(table.paths, Path(args.image_root))
     if not keep:
         raise ValueError(f"none of the {len(table.paths)} images of {args.labels} is a file under {args.image_root}")
     cols = [table.findings.index(f) for f in wanted]
@@ -214,7 +215,7 @@ def run_multilabel(args) -> dict:
     neg = {f: _prompt_embedding(model, tokenizer, [t.format(c=s) for s in prompts.classes[f] for t in neg_templates],
                                 device) for f in wanted}
     with torch.no_grad():
-        feats = image_features(model, [table.paths[i] for i in keep], img_cfg, args.batch_size, device=device)
+        feats = image_features(model, list(keep.values()), img_cfg, args.batch_size, device=device)
     result = multilabel_zeroshot(feats, labels, wanted, pos, neg)
     result.update(checkpoint=str(args.checkpoint), labels=str(args.labels), layout=args.layout,
                   uncertain=args.uncertain, blank=args.blank, num_images=len(keep), skipped=skipped,

@@ -66,9 +66,7 @@ def build(args) -> tuple[dict, list[str]]:
         md.append(f"| retrieval image→text R@1 (chance {r['chance_r1']:.4f}) | {r['image_to_text_r1']:.3f} |")
     if args.suite:
         suite = _load(Path(args.suite))
-        benches = suite["benchmarks"]
-        vqa = next(((n, b) for n, b in benches.items() if "closed_accuracy" in b), None)
-        rep = next(((n, b) for n, b in benches.items() if "bleu_4" in b), None)
+        vqa, rep = _first_benchmarks(suite)
         if vqa:
             n, b = vqa
             s["vqa"] = {"benchmark": n, "closed_accuracy": b["closed_accuracy"], "open_recall": b["open_recall"],
@@ -113,14 +111,21 @@ PREFERENCE_KEYS = (("closed_accuracy", "VQA closed accuracy"), ("open_recall", "
                    ("omitted_finding_rate", "report omitted-finding rate"))
 
 
+def _first_benchmarks(suite: dict) -> tuple:
+    """An eval.suite summary's first VQA and first report benchmark, each (name, values) or None."""
+    benches = suite["benchmarks"]
+    return (next(((n, b) for n, b in benches.items() if "closed_accuracy" in b), None),
+            next(((n, b) for n, b in benches.items() if "bleu_4" in b), None))
+
+
 def _suite_values(suite: dict) -> dict:
     """The first VQA and the first report benchmark of an eval.suite summary, flattened."""
+    vqa, rep = _first_benchmarks(suite)
     out: dict = {}
-    for b in suite["benchmarks"].values():
-        if "closed_accuracy" in b and "closed_accuracy" not in out:
-            out.update(closed_accuracy=b["closed_accuracy"], open_recall=b["open_recall"])
-        if "bleu_4" in b and "bleu_4" not in out:
-            out.update(bleu_4=b["bleu_4"], rouge_l=b["rouge_l"], **(b.get("factuality") or {}))
+    if vqa:
+        out.update(closed_accuracy=vqa[1]["closed_accuracy"], open_recall=vqa[1]["open_recall"])
+    if rep:
+        out.update(bleu_4=rep[1]["bleu_4"], rouge_l=rep[1]["rouge_l"], **(rep[1].get("factuality") or {}))
     return out
 
 

@@ -169,17 +169,13 @@ class AssemblyRollout:
     def rows(self, prompts: list[dict], completions: list[list[int]]) -> tuple[dict, torch.Tensor]:
         """Prompt + completion rows, right-padded (B = P x G, W): the forward's inputs and labels (the
         completion's tokens; IGNORE on the prompt and the padding)."""
-        heads = _repeat([p["input_ids"] for p in prompts], self.cfg.group_size)
-        width = max(len(h) + len(c) for h, c in zip(heads, completions))
-        ids = torch.full((len(heads), width), self.pad)
-        labels = torch.full((len(heads), width), IGNORE)
-        mask = torch.zeros((len(heads), width), dtype=torch.long)
-        for i, (h, c) in enumerate(zip(heads, completions)):
-            ids[i, :len(h) + len(c)] = torch.tensor(h + c)
-            labels[i, len(h):len(h) + len(c)] = torch.tensor(c)
-            mask[i, :len(h) + len(c)] = 1
-        pixels = torch.stack(_repeat([p["pixel_values"] for p in prompts], self.cfg.group_size))  # (B, 3, S, S)
-        return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}, labels
+        from train.instruct import InstructCollate
+
+        examples = [{"key": "", "input_ids": p["input_ids"] + c, "labels": [IGNORE] * len(p["input_ids"]) + c,
+                     "pixel_values": [p["pixel_values"]]}
+                    for p, c in zip(_repeat(prompts, self.cfg.group_size), completions)]
+        batch = InstructCollate(False, 0, self.pad)(examples)  # right-padded rows with their padding mask
+        return {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}, batch["labels"]
 
 
 class StockRollout(AssemblyRollout):

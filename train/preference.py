@@ -296,13 +296,14 @@ def build_policy(cfg: PreferenceRunConfig, d) -> dict:
         # vision tower) would move the reference too, so only the adapters train
         from vlm.models.lora import ADAPTER_PARAM
 
-        frozen = [n for n, p in model.named_parameters() if p.requires_grad and not ADAPTER_PARAM.search(n)]
+        frozen = 0
         for n, p in model.named_parameters():
-            if n in frozen:
+            if p.requires_grad and not ADAPTER_PARAM.search(n):
                 p.requires_grad = False
+                frozen += 1
         if frozen:
             log.info("LoRA reference = the policy with its adapters off: %d other trainable tensors (projector, "
-                     "vision) are frozen so that the reference stays the starting policy", len(frozen))
+                     "vision) are frozen so that the reference stays the starting policy", frozen)
     if cfg.disable_dropout:
         disable_dropout(model)
     return {**out, "model": model, "shard": shard}

@@ -4,7 +4,6 @@ weights (OUT.start); every rank saves its weights after the step and the step's 
 import sys
 
 import torch
-from PIL import Image
 from safetensors.torch import save_file
 
 from train.config import LLM_LORA_TARGET
@@ -15,7 +14,7 @@ from vlm.data.chat import ChatConfig
 from vlm.grpo import GRPOConfig
 from vlm.models.stock import decoder_layers, stock_from_config
 
-from common import tiny_vlm_folder  # tests/dist/common.py (the script's folder is on sys.path)
+from common import step_image, tiny_vlm_folder  # tests/dist/common.py (the script's folder is on sys.path)
 
 CONVS = [[("Is there a nodule?", "yes"), ("Where is the nodule?", "the right upper lung")],
          [("Is there an effusion?", "no")], [("What modality is this?", "chest x-ray"), ("Is it normal?", "no")]]
@@ -43,8 +42,7 @@ def main(out: str) -> None:
     for i, conv in enumerate(CONVS):
         turns = [{"from": f, "value": ("<image>\n" if k == 0 and f == "human" else "") + v}
                  for k, (q, a) in enumerate(conv) for f, v in (("human", q), ("gpt", a))]
-        img = Image.new("RGB", (28 * (1 + i % 2), 56), (40 * i, 90, 200 - 30 * i))
-        samples.append(sample({"key": str(i), "image": img, "views": [], "meta": {"conversations": turns}}))
+        samples.append(sample({"key": str(i), "image": step_image(i), "views": [], "meta": {"conversations": turns}}))
     mine = samples[:1] if d.rank == 0 else samples[1:]
     if d.is_main:
         save_file(_weights(model), out + ".start")

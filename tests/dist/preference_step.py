@@ -3,18 +3,16 @@ process; rank 0 saves the new weights and the step's loss. Each rank holds diffe
 import sys
 
 import torch
-from PIL import Image
 
 from train.config import LLM_LORA_TARGET
-from train.distributed import all_reduce_mean, cleanup, init_distributed, parallelize
+from train.distributed import cleanup, init_distributed
 from train.preference import PairCollate, PairSample, PreferenceTask
-from train.trainer import StepContext
 from vlm.data.chat import ChatConfig
 from vlm.data.stock_chat import StockCollate
-from vlm.models.stock import decoder_layers, stock_from_config
+from vlm.models.stock import stock_from_config
 from vlm.preference import PreferenceLossConfig
 
-from common import save_after_step, tiny_vlm_folder  # tests/dist/common.py (the script's folder is on sys.path)
+from common import step_image, tiny_vlm_folder, train_one_step  # tests/dist/common.py (on sys.path)
 
 PAIRS = [("Where is the nodule?", "In the right upper lung.", "In the left lower lung, unchanged since the prior."),
          ("What modality?", "CT", "A chest x-ray"), ("Is there an effusion?", "No", "Yes, a large one on the left."),
@@ -34,18 +32,12 @@ def main(out: str, loss: str) -> None:
     sample = PairSample(ChatConfig(), processor=processor)
     pairs = []
     for i, (q, c, r) in enumerate(PAIRS):
-        img = Image.new("RGB", (28 * (1 + i % 2), 56), (40 * i, 90, 200 - 30 * i))
-        pairs.append(sample({"key": str(i), "image": img, "views": [], "meta": {
+        pairs.append(sample({"key": str(i), "image": step_image(i), "views": [], "meta": {
             "conversations": [{"from": "human", "value": "<image>\n" + q}], "chosen": c, "rejected": r}}))
     mine = pairs[:1] if d.world_size == 2 and d.rank == 0 else pairs[1:] if d.world_size == 2 else pairs
-    wrapped = parallelize(model, d, "ddp", shard_modules=decoder_layers(model))
-    opt = torch.optim.SGD([p for p in wrapped.parameters() if p.requires_grad], lr=0.5)
     batch = PairCollate(StockCollate(False, 0, processor.tokenizer.pad_token_id))(mine)
     task = PreferenceTask(PreferenceLossConfig(loss=loss, beta=0.5), lora=True)
-    res = task.train_step(wrapped, [batch], StepContext(wrapped, d, "fp32"))
-    opt.step()
-    loss_ = all_reduce_mean(torch.tensor([res["loss"]]))
-    save_after_step(wrapped, d, out, loss_)
+    train_one_step(model, d, "ddp", task, batch, out)
     cleanup()
 
 
