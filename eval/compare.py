@@ -13,6 +13,7 @@ resampled questions for both runs; --bootstrap resamples, --seed), and for a rig
 exact test (two-sided binomial test on the discordant questions: A right and B wrong, A wrong and B right).
 
 - VQA: closed_accuracy (strict; McNemar), exact_match (open; McNemar), open_recall (open; bootstrap only).
+- Multiple choice and text QA: accuracy (strict; McNemar), and for mmmu_med MMMU's own parsing too.
 - Reports: rouge_l (per report, R2Gen's cleaning: the corpus ROUGE-L is their mean), and from
   vlm/factuality.py the reports with a prior-exam sentence and with a hallucinated finding (McNemar on
   "report has one"; lower is better).
@@ -123,6 +124,19 @@ def compare_vqa(name: str, ra: Path, rb: Path, n: int, seed: int) -> dict:
     return out
 
 
+def compare_choice(name: str, ra: Path, rb: Path, n: int, seed: int) -> dict:
+    """Multiple-choice and text QA: strict accuracy (McNemar), and MMMU's own parsing where it was scored."""
+    a, b = _rows(ra, ".questions.csv", "question_id"), _rows(rb, ".questions.csv", "question_id")
+    ids = _paired(a, b, name)
+    out = {}
+    for metric, column in (("accuracy", "correct"), ("mmmu_compat_accuracy", "mmmu_correct")):
+        if ids and column in a[ids[0]] and column in b[ids[0]]:  # mmmu_correct: mmmu_med only
+            va = np.array([float(a[i][column]) for i in ids], dtype=np.float64)
+            vb = np.array([float(b[i][column]) for i in ids], dtype=np.float64)
+            out[metric] = _metric(va, vb, True, n, seed)
+    return out
+
+
 def compare_reports(name: str, ra: Path, rb: Path, n: int, seed: int) -> dict:
     from vlm.factuality import report_factuality
     from vlm.report_metrics import per_report_scores
@@ -151,7 +165,8 @@ def compare(path_a: Path, path_b: Path, n: int = 10000, seed: int = 0) -> dict:
     out = {"a": str(path_a), "b": str(path_b), "bootstrap": n, "seed": seed, "benchmarks": {}}
     for name in common:
         kind = json.loads(ra[name].read_text())
-        fn = compare_vqa if "closed_accuracy" in kind else compare_reports
+        fn = compare_choice if kind.get("kind") == "choice" else compare_vqa if "closed_accuracy" in kind else \
+            compare_reports
         out["benchmarks"][name] = fn(name, ra[name], rb[name], n, seed)
     out["only_in_one"] = sorted(set(ra) ^ set(rb))
     return out

@@ -59,6 +59,19 @@ def answer_with(checkpoint, assistant, items: list[tuple], out, id_key: str, bat
                        sampling), d.rank
 
 
+def answer_benchmark(args, assistant, todo: list[tuple]) -> int:
+    """eval.vqa generate's common end: ``todo`` = [(question id, prompt, images)] answered into ``args.out`` by
+    ``answer_with`` with the command's settings; logs and returns how many this rank generated now."""
+    import logging
+
+    n, rank = answer_with(args.checkpoint, assistant, todo, args.out, "question_id", args.batch_size,
+                          args.max_new_tokens, f"{args.benchmark} answers",
+                          processor_settings(getattr(args, "processor", None)))
+    logging.getLogger("eval.vqa").info("rank %d: %d answers generated now (%d questions in all) -> %s", rank, n,
+                                       len(todo), args.out)
+    return n
+
+
 def run_and_cleanup(fn, *args) -> None:
     """Run a generate command, then tear down the process group it may have started."""
     try:
@@ -95,6 +108,47 @@ def _pil(image):
     return pil_rgb(_image_bytes(image))
 
 
+def _images(img) -> list:
+    """An item's images: one path or bytes, a list of them, or none."""
+    if img is None:
+        return []
+    return list(img) if isinstance(img, (list, tuple)) else [img]
+
+
+def _answer_rows(model, tokenizer, image: dict, processor, rows: list[tuple], max_new_tokens: int, how: dict,
+                 id_key: str) -> list[str]:
+    """Answers of ``rows`` (all with images, or all without) in one batched call of the right engine."""
+    if processor is not None:
+        prompts = [stock_prompt(processor, text, len(_images(img))) for _, text, img in rows]
+        images = [[_pil(x) for x in _images(img)] for _, _, img in rows]
+        try:
+            return generate_stock(model, processor, prompts, images, batch_size=len(rows),
+                                  max_new_tokens=max_new_tokens, **how)
+        except (ValueError, RuntimeError, TypeError):
+            for (qid, _, _), imgs in zip(rows, images):  # a refused image names its question
+                if not imgs:
+                    continue
+                try:
+                    processor.image_processor(images=imgs, return_tensors="pt")
+                except (ValueError, RuntimeError, TypeError) as e:
+                    raise ValueError(f"{id_key} {qid}: the model's image processor refused its image: {e}") from None
+            raise
+    requests, transform = [], None
+    for _, text, img in rows:
+        imgs = _images(img)
+        if not imgs:
+            requests.append({"input_ids": prompt_ids(tokenizer, text, image.get("image_token", "<image>"), 0, 0)})
+            continue
+        if transform is None:
+            from vlm.data.transforms import ImageConfig, MedicalImageTransform
+
+            transform = MedicalImageTransform(ImageConfig(size=image["size"], mean=image["mean"], std=image["std"]))
+        requests.append({"input_ids": prompt_ids(tokenizer, text, image["image_token"],
+                                                 int(model.config.image_seq_length), len(imgs)),
+                         "pixel_values": torch.stack([_pixels(x, transform) for x in imgs])})
+    return generate(model, tokenizer, requests, batch_size=len(requests), max_new_tokens=max_new_tokens, **how)
+
+
 def _read_jsonl(path, id_key: str) -> dict[str, dict]:
     import json
 
@@ -109,8 +163,9 @@ def _read_jsonl(path, id_key: str) -> dict[str, dict]:
 
 def answer_file(model, tokenizer, image: dict, items: list[tuple], out, id_key: str, batch_size: int = 16,
                 max_new_tokens: int = 64, desc: str = "generate", sampling: Optional[dict] = None) -> int:
-    """Answer ``items`` = [(id, prompt text without the image token, image path or bytes)] into the JSONL
-    ``out`` ({id_key: id, "text": answer}), batched. Resumable: ids already in ``out`` are skipped.
+    """Answer ``items`` = [(id, prompt text without the image token, image path or bytes, a list of them, or
+    None)] into the JSONL ``out`` ({id_key: id, "text": answer}), batched. Resumable: ids already in ``out``
+    are skipped.
     Greedy, or with ``sampling`` = {"temperature", "top_p", "seed"} sampled: each rank's items form fixed
     batches, each seeded with seed + its position, so a run with the same world size and batch size samples
     the same answers, resumed or not.
@@ -124,7 +179,6 @@ def answer_file(model, tokenizer, image: dict, items: list[tuple], out, id_key: 
     import torch.distributed as dist
     from tqdm import tqdm
 
-    from vlm.data.transforms import ImageConfig, MedicalImageTransform
     from vlm.utils import atomic_write_text
 
     distributed = dist.is_available() and dist.is_initialized()
@@ -142,33 +196,22 @@ def answer_file(model, tokenizer, image: dict, items: list[tuple], out, id_key: 
     batches = [(s, chunk) for s, chunk in batches if any(str(it[0]) not in done for it in chunk)]
     todo = [it for _, chunk in batches for it in chunk if str(it[0]) not in done]
     processor = image.get("processor")  # a stock VLM: its processor renders, expands and preprocesses
-    if processor is None:
-        transform = MedicalImageTransform(ImageConfig(size=image["size"], mean=image["mean"], std=image["std"]))
-        n_img = int(model.config.image_seq_length)
+    if image.get("text_only") and any(_images(it[2]) for it in items):
+        raise ValueError(f"{desc}: a language model alone (--llm-only) cannot answer questions with images")
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(part, "a") as f:
         for s, chunk in tqdm(batches, desc=desc, unit="batch", disable=rank != 0):
             how = {} if not sampling else {"do_sample": True, "temperature": sampling["temperature"],
                                            "top_p": sampling["top_p"], "seed": sampling["seed"] + s * world + rank}
-            if processor is not None:
-                prompts = [stock_prompt(processor, text) for _, text, _ in chunk]
-                images = [[_pil(img)] for _, _, img in chunk]
-                try:
-                    answers = generate_stock(model, processor, prompts, images, batch_size=len(chunk),
-                                             max_new_tokens=max_new_tokens, **how)
-                except (ValueError, RuntimeError, TypeError):
-                    for (qid, _, _), imgs in zip(chunk, images):  # a refused image names its question
-                        try:
-                            processor.image_processor(images=imgs, return_tensors="pt")
-                        except (ValueError, RuntimeError, TypeError) as e:
-                            raise ValueError(f"{id_key} {qid}: the model's image processor refused its image: "
-                                             f"{e}") from None
-                    raise
-            else:
-                requests = [{"input_ids": prompt_ids(tokenizer, text, image["image_token"], n_img),
-                             "pixel_values": _pixels(img, transform)} for _, text, img in chunk]
-                answers = generate(model, tokenizer, requests, batch_size=len(requests),
-                                   max_new_tokens=max_new_tokens, **how)
+            answers = [""] * len(chunk)
+            # an item has one image, several (a list), or none (text questions); a model call takes images for
+            # all its rows or for none, so a chunk mixing both is answered in two calls
+            for rows in ([i for i, it in enumerate(chunk) if _images(it[2])],
+                         [i for i, it in enumerate(chunk) if not _images(it[2])]):
+                if rows:
+                    for i, a in zip(rows, _answer_rows(model, tokenizer, image, processor, [chunk[i] for i in rows],
+                                                       max_new_tokens, how, id_key)):
+                        answers[i] = a
             for (qid, _, _), ans in zip(chunk, answers):
                 if str(qid) not in done:
                     f.write(json.dumps({id_key: qid, "text": ans}) + "\n")

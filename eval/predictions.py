@@ -60,3 +60,34 @@ def read_predictions(path: str | Path, id_key: str, known_ids: list, allow_missi
     if problems:
         raise PredictionError(f"{path}: " + "; ".join(problems))
     return preds, missing
+
+
+def format_stats(raw: list[str]) -> dict:
+    """How the raw outputs state their answers (vlm.grpo.answer_format): ``format_rate`` (any form but plain) and
+    ``answer_formats`` (counts per form)."""
+    from vlm.grpo import answer_format
+
+    formats = [answer_format(r) for r in raw]
+    return {"format_rate": sum(f != "plain" for f in formats) / max(1, len(formats)),
+            "answer_formats": {f: formats.count(f) for f in sorted(set(formats))}}
+
+
+def write_scored(args, result: dict, table: str, markdown, t0: float, missing) -> dict:
+    """The score commands' common end: the missing-prediction warning, then OUT (JSON, with the predictions file
+    and the seconds taken), OUT's stem + .questions.csv (``table``) and + .md (``markdown(result)``), atomically."""
+    import json
+    import logging
+    import time
+    from pathlib import Path
+
+    from vlm.utils import atomic_write_text
+
+    if missing:
+        logging.getLogger("eval.vqa").warning("%d questions had no prediction and were scored as wrong", len(missing))
+    result["predictions"] = str(args.predictions)
+    result["seconds"] = round(time.time() - t0, 3)
+    out = Path(args.out)
+    atomic_write_text(out, json.dumps(result, indent=1) + "\n")
+    atomic_write_text(out.with_suffix(".questions.csv"), table)
+    atomic_write_text(out.with_suffix(".md"), markdown(result))
+    return result

@@ -29,7 +29,7 @@ ANCHORS = Path(__file__).resolve().parent / "anchors.yaml"
 
 @dataclass
 class SuiteBenchmark:
-    name: str = "???"  # vqa_rad | slake | pathvqa | iu_xray | mimic_cxr
+    name: str = "???"  # vqa_rad | slake | pathvqa | iu_xray | mimic_cxr | a multiple-choice or text QA benchmark
     data_root: Optional[str] = None  # VQA: the official release folder / file
     annotation: Optional[str] = None  # reports: R2Gen's annotation.json
     split: Optional[str] = None  # default: test
@@ -44,7 +44,7 @@ class SuiteConfig:
     out: str = "runs/suite"
     benchmarks: List[SuiteBenchmark] = field(default_factory=list)
     batch_size: int = 16
-    vqa_max_new_tokens: int = 32
+    vqa_max_new_tokens: int = 32  # VQA, multiple-choice and text QA answers (raise it for reasoning-style outputs)
     report_max_new_tokens: int = 128
     closed_options: bool = False  # closed questions with the options listed (configs/eval/prompts.yaml)
     prompts: Optional[str] = None
@@ -58,7 +58,7 @@ class Anchor:
     model: str = "???"
     source: str = "???"
     setting: str = "???"
-    protocol: str = "llava_med"  # llava_med | strict | report
+    protocol: str = "llava_med"  # llava_med | strict | report | paper (multiple choice: the source's own extraction)
     note: str = ""  # how the numbers were checked
     results: Dict[str, Dict[str, float]] = field(default_factory=dict)
 
@@ -76,11 +76,12 @@ def load_anchors(path: Optional[str]) -> list[Anchor]:
 
 def run_benchmark(cfg: SuiteConfig, b: SuiteBenchmark, out: Path, assistant, is_main: bool) -> Optional[dict]:
     from eval import report, vqa
-    from eval.benchmarks import REPORT_BENCHMARKS, VQA_BENCHMARKS
+    from eval.benchmarks import CHOICE_BENCHMARKS, REPORT_BENCHMARKS, VQA_BENCHMARKS
 
-    is_vqa = b.name in VQA_BENCHMARKS
+    is_vqa = b.name in VQA_BENCHMARKS or b.name in CHOICE_BENCHMARKS  # both through eval.vqa
     if not is_vqa and b.name not in REPORT_BENCHMARKS:
-        raise ValueError(f"benchmarks: unknown name {b.name!r} (known: {sorted({**VQA_BENCHMARKS, **REPORT_BENCHMARKS})})")
+        known = sorted({**VQA_BENCHMARKS, **CHOICE_BENCHMARKS, **REPORT_BENCHMARKS})
+        raise ValueError(f"benchmarks: unknown name {b.name!r} (known: {known})")
     source = b.data_root if is_vqa else b.annotation
     if not source:
         raise ValueError(f"benchmark {b.name}: {'data_root' if is_vqa else 'annotation'} is required")
@@ -118,6 +119,7 @@ def summarize(results: dict[str, dict], anchors: list[Anchor], cfg: SuiteConfig)
     summary = {"checkpoint": cfg.checkpoint, "closed_options": cfg.closed_options, "benchmarks": {}, "anchors": []}
     lines = [f"# Evaluation suite: {cfg.checkpoint or 'given predictions'}", ""]
     vqa = {n: r for n, r in results.items() if "closed_accuracy" in r}
+    choice = {n: r for n, r in results.items() if r.get("kind") == "choice"}
     reports = {n: r for n, r in results.items() if "bleu_4" in r}
     for n, r in vqa.items():
         summary["benchmarks"][n] = {"closed_accuracy": r["closed_accuracy"], "open_recall": r["open_recall"],
@@ -138,6 +140,25 @@ def summarize(results: dict[str, dict], anchors: list[Anchor], cfg: SuiteConfig)
                 cells = [a.results.get(n, {}).get(k) for n in vqa for k, _ in VQA_KEYS]
                 lines.append(f"| {a.model} | {a.protocol} | " + " | ".join("—" if c is None else f"{c:.1f}"
                                                                           for c in cells) + " |")
+        lines.append("")
+    for n, r in choice.items():
+        summary["benchmarks"][n] = {"accuracy": r["accuracy"], "num_questions": r["num_questions"],
+                                    "answered_rate": r["answered_rate"]}
+        if "compat" in r:
+            summary["benchmarks"][n]["compat"] = {k: v["accuracy"] for k, v in r["compat"].items()}
+    if choice:
+        lines += ["## Multiple choice and text QA (percent, strict)", "",
+                  "| model | " + " | ".join(choice) + " |", "|---|" + "---|" * len(choice),
+                  "| **ours** | " + " | ".join(f"{100 * r['accuracy']:.1f}" for r in choice.values()) + " |"]
+        for a in anchors:
+            if any(n in a.results for n in choice):
+                lines.append(f"| {a.model} ({a.protocol}) | " + " | ".join(
+                    "—" if a.results.get(n, {}).get("accuracy") is None else f"{a.results[n]['accuracy']:.1f}"
+                    for n in choice) + " |")
+        compat = {n: r["compat"] for n, r in choice.items() if "compat" in r}
+        for n, c in compat.items():
+            lines.append(f"\n{n} with its authors' parsing: " + ", ".join(
+                f"{k} {100 * v['accuracy']:.1f} ({v['num_random']} random picks)" for k, v in c.items()))
         lines.append("")
     if reports:
         lines += ["## Report generation", "", "| model | benchmark | " + " | ".join(REPORT_KEYS) + " |",

@@ -5,79 +5,82 @@
     python -m eval.vqa score --benchmark slake --data-root Slake1.0 --predictions answers.jsonl --out slake.json
 
 Benchmarks: vqa_rad (official JSON or HF parquet), slake (official JSON, English by default),
-pathvqa (HF parquet or original pkl). Predictions: JSONL, one {"question_id": <the benchmark's own
-id>, "text": "..."} a line. Writes OUT (JSON: strict metrics, the `llava_med` block computed as
-LLaVA-Med v1 does, per-category breakdowns, bootstrap 95% intervals), OUT's stem + .questions.csv
-(one row per question) and + .md (a markdown table). See vlm/vqa_metrics.py for the definitions.
+pathvqa (HF parquet or original pkl); multiple choice omnimedvqa, pmc_vqa, mmmu_med, medxpertqa_mm and text QA
+medqa, medmcqa, pubmedqa, mmlu_med (their releases: eval/benchmarks/multiple_choice.py, text_qa.py; scored by
+eval/choice.py: accuracy, num_questions, breakdowns). Forgetting: a text benchmark answered by the assistant and,
+with --llm-only, by the base LLM it was built from, then compared:
+
+    python -m eval.vqa generate --checkpoint RUN --benchmark medqa --data-root MedQA --out tuned.jsonl
+    python -m eval.vqa generate --checkpoint RUN --llm-only --benchmark medqa --data-root MedQA --out base.jsonl
+    (score both, then) python -m eval.compare base.json tuned.json
+
+Predictions: JSONL, one {"question_id": <the benchmark's own id>, "text": "..."} a line. Writes OUT (JSON:
+strict metrics, the `llava_med` block computed as LLaVA-Med v1 does, per-category breakdowns, bootstrap 95%
+intervals), OUT's stem + .questions.csv (one row per question) and + .md (a markdown table). See
+vlm/vqa_metrics.py (vlm/choice_metrics.py for multiple choice) for the definitions.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import io
-import json
 import logging
 import sys
 import time
-from pathlib import Path
 
-from eval.benchmarks import VQA_BENCHMARKS
-from eval.predictions import read_predictions
-from vlm.utils import atomic_write_text, cli, setup_logging
+from eval.benchmarks import CHOICE_BENCHMARKS, VQA_BENCHMARKS
+from eval.predictions import format_stats, read_predictions, write_scored
+from vlm.utils import cli, setup_logging
 from vlm.vqa_metrics import aggregate, bootstrap_ci, breakdown, score_question
 
 log = logging.getLogger("eval.vqa")
 
 
 def score(args) -> dict:
+    if args.benchmark in CHOICE_BENCHMARKS:
+        from eval import choice
+
+        return choice.score(args)
     t0 = time.time()
     bench = VQA_BENCHMARKS[args.benchmark](args.data_root, split=args.split, lang=args.lang)
     items = bench.load()
     if not items:
         raise ValueError(f"{args.benchmark}: no questions in split {bench.split!r} (lang {args.lang})")
     preds, missing = read_predictions(args.predictions, "question_id", [it.qid for it in items], args.allow_missing)
-    from vlm.grpo import answer_format, extract_answer
+    from vlm.grpo import extract_answer
 
     # reasoning-style outputs (<think>...</think><answer>...</answer>, "... The answer is X.") are scored on their
     # answer: the same extraction the GRPO correctness reward reads; the raw output stays in the CSV
     raw = {str(it.qid): preds.get(str(it.qid), "") for it in items}
-    formats = [answer_format(raw[str(it.qid)]) for it in items]
+    formats = format_stats([raw[str(it.qid)] for it in items])
     scored = [score_question(it.qid, it.question, it.answer, extract_answer(raw[str(it.qid)]), it.answer_type,
                              it.categories) for it in items]
     for q in scored:
         q.raw = raw[str(q.qid)]
     result = {"benchmark": args.benchmark, "split": bench.split, "lang": args.lang, **aggregate(scored),
-              "num_missing": len(missing), "num_answer_tags": formats.count("tags"),
-              "format_rate": sum(f != "plain" for f in formats) / len(formats),
-              "answer_formats": {f: formats.count(f) for f in sorted(set(formats))}}
-    if missing:
-        log.warning("%d questions had no prediction and were scored as wrong", len(missing))
+              "num_missing": len(missing), "num_answer_tags": formats["answer_formats"].get("tags", 0), **formats}
     if args.bootstrap:
         result["ci95"] = bootstrap_ci(scored, n=args.bootstrap, seed=args.seed)
     result["breakdown"] = breakdown(scored)
-    result["predictions"] = str(args.predictions)
-    result["seconds"] = round(time.time() - t0, 3)
-    out = Path(args.out)
-    atomic_write_text(out, json.dumps(result, indent=1) + "\n")
-    atomic_write_text(out.with_suffix(".questions.csv"), _csv(scored))
-    atomic_write_text(out.with_suffix(".md"), markdown(result))
-    return result
+    return write_scored(args, result, _csv(scored), markdown, t0, missing)
 
 
 def generate_answers(args, assistant=None) -> int:
     """Answer the benchmark's questions (sharded over torchrun ranks; see eval.generate.answer_file)."""
-    from eval.generate import answer_with, processor_settings
+    if args.benchmark in CHOICE_BENCHMARKS:
+        from eval import choice
+
+        return choice.generate_answers(args, assistant)
+    if getattr(args, "llm_only", False) or getattr(args, "llm", None):
+        text = ", ".join(n for n, b in CHOICE_BENCHMARKS.items() if not b.has_images)
+        raise ValueError(f"--llm-only answers text benchmarks ({text}); {args.benchmark} has images")
+    from eval.generate import answer_benchmark
     from eval.prompts import load_prompts, vqa_prompt
 
     items = VQA_BENCHMARKS[args.benchmark](args.data_root, split=args.split, lang=args.lang).load()
     prompts = load_prompts(args.benchmark, args.prompts)
-    todo = [(it.qid, vqa_prompt(prompts, it.question, it.answer_type, args.closed_options), it.image)
-            for it in items]
-    n, rank = answer_with(args.checkpoint, assistant, todo, args.out, "question_id", args.batch_size,
-                          args.max_new_tokens, f"{args.benchmark} answers",
-                          processor_settings(getattr(args, "processor", None)))
-    log.info("rank %d: %d answers generated now (%d questions in all) -> %s", rank, n, len(items), args.out)
-    return n
+    return answer_benchmark(args, assistant, [(it.qid, vqa_prompt(prompts, it.question, it.answer_type,
+                                                                   args.closed_options), it.image) for it in items])
 
 
 def _csv(scored) -> str:
@@ -123,16 +126,20 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+BENCHMARK_NAMES = sorted(VQA_BENCHMARKS) + sorted(CHOICE_BENCHMARKS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m eval.vqa", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("score", help="score a predictions JSONL against a benchmark")
-    s.add_argument("--benchmark", required=True, choices=sorted(VQA_BENCHMARKS))
+    s.add_argument("--benchmark", required=True, choices=BENCHMARK_NAMES)
     s.add_argument("--data-root", required=True, help="the benchmark's official release folder (or file)")
     s.add_argument("--predictions", required=True, help='JSONL of {"question_id", "text"}')
     s.add_argument("--out", required=True, help="result JSON (a .questions.csv and a .md are written beside it)")
-    s.add_argument("--split", default=None, help="default: test")
+    s.add_argument("--split", default=None, help="default: the benchmark's test split (omnimedvqa: open_access, "
+                   "pmc_vqa: test_clean, mmmu_med: validation, medmcqa: dev)")
     s.add_argument("--lang", default="en", choices=["en", "zh", "all"], help="SLAKE question language")
     s.add_argument("--allow-missing", action="store_true", help="score questions without a prediction as wrong")
     s.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs (0: none)")
@@ -140,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="answer a benchmark's questions with a trained assistant (JSONL)")
     g.add_argument("--checkpoint", required=True,
                    help="a train.instruct run/checkpoint, a transformers export, or any stock VLM folder or hub id")
-    g.add_argument("--benchmark", required=True, choices=sorted(VQA_BENCHMARKS))
+    g.add_argument("--benchmark", required=True, choices=BENCHMARK_NAMES)
     g.add_argument("--data-root", required=True)
     g.add_argument("--out", required=True, help="predictions JSONL (ids already there are skipped: resumable)")
     g.add_argument("--split", default=None)
@@ -150,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--processor", action="append", metavar="KEY=VALUE",
                    help="a stock VLM's image processor setting (repeatable), e.g. max_pixels=1003520 for Qwen2-VL")
     g.add_argument("--prompts", default=None, help="prompts YAML (default: configs/eval/prompts.yaml)")
+    g.add_argument("--llm-only", action="store_true",
+                   help="text benchmarks: answer with the base LLM the assistant was built from (its training config's "
+                        "model.llm; a tuned stock VLM's model.vlm, text only) instead of the assistant: the forgetting "
+                        "check")
+    g.add_argument("--llm", default=None, help="with --llm-only: this LLM (hub id or folder) instead of the recorded one")
     g.add_argument("--closed-options", action="store_true",
                    help="closed questions use the benchmark's closed_options prompt (the options listed, as some "
                         "papers do; off by default)")
@@ -162,7 +174,12 @@ def main(argv=None) -> int:
     setup_logging()
     if args.command == "score":
         r = score(args)
-        print(markdown(r).split("\n### ")[0])
+        if args.benchmark in CHOICE_BENCHMARKS:
+            from eval.choice import markdown as choice_markdown
+
+            print(choice_markdown(r).split("\n### ")[0])
+        else:
+            print(markdown(r).split("\n### ")[0])
         log.info("wrote %s (+ .questions.csv, .md) in %.2fs", args.out, r["seconds"])
     elif args.command == "generate":
         from eval.generate import run_and_cleanup

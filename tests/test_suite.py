@@ -29,10 +29,15 @@ def test_anchors_file_names_sources_and_settings():
     anchors = load_anchors(None)
     assert anchors
     for a in anchors:
-        assert "arXiv" in a.source and a.setting and a.protocol in ("llava_med", "strict", "report")
+        from eval.benchmarks import CHOICE_BENCHMARKS
+
+        assert "arXiv" in a.source and a.setting and a.note and a.protocol in ("llava_med", "strict", "report", "paper")
         for bench, values in a.results.items():
-            assert bench in ("vqa_rad", "slake", "pathvqa", "iu_xray", "mimic_cxr")
+            assert bench in ("vqa_rad", "slake", "pathvqa", "iu_xray", "mimic_cxr", *CHOICE_BENCHMARKS)
             assert all(0 <= v <= 100 for v in values.values())
+            # multiple-choice anchors are accuracies reported with the source's own extraction
+            assert (bench in CHOICE_BENCHMARKS) == (a.protocol == "paper") and (
+                a.protocol != "paper" or set(values) == {"accuracy"})
 
 
 def test_summary_sets_ours_beside_the_anchors():

@@ -21,10 +21,11 @@ README = (REPO / "README.md").read_text()
 SECTION = "On real data"
 # what the walkthrough tells users to download and unpack under data/ (official releases)
 DOWNLOADS = ["data/pmc_oa", "data/llava_med", "data/Slake1.0", "data/VQA_RAD", "data/pathvqa",
-             "data/iu_xray", "data/mimic_cxr", "data/chexpert_5x200", "data/roco"]
+             "data/iu_xray", "data/mimic_cxr", "data/chexpert_5x200", "data/roco", "data/OmniMedVQA", "data/PMC-VQA",
+             "data/MMMU", "data/MedXpertQA", "data/MedQA", "data/medmcqa", "data/pubmedqa", "data/mmlu"]
 # the walkthrough's end products: exports and evaluation results
 FINAL = ["exports/medclip", "exports/medllava", "runs/zeroshot_cxr.json", "runs/retrieval.json",
-         "runs/suite_medical", "runs/suite_medical_full"]
+         "runs/suite_medical", "runs/suite_medical_full", "runs/suite_breadth"]
 CHECKERS = {"data_prep.inspect", "data_prep.stream"}  # they verify a folder; reading it is not using it
 READ_FLAGS = {"--input", "--image-root", "--checkpoint", "--folder", "--csv", "--pairs", "--shards",
               "--prompts", "--concepts", "--data-root", "--annotation", "--predictions"}

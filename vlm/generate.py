@@ -5,8 +5,8 @@ the prompts it is evaluated on.
 
     answers = generate(model, tokenizer, requests, batch_size=16, max_new_tokens=64)
 
-A request is {"input_ids": [...prompt ids, image tokens expanded...], "pixel_values": (3, S, S) or
-None}. Prompts are left-padded so every row's next token sits at the same position; the model's
+A request is {"input_ids": [...prompt ids, image tokens expanded...], "pixel_values": (3, S, S), (k, 3, S, S)
+for k images, or None}. Prompts are left-padded so every row's next token sits at the same position; the model's
 own ``generate`` keeps the KV cache and derives position ids from the attention mask, so a batch
 gives the same greedy answers as one request at a time (tested). Greedy by default; sampling
 (``do_sample``, temperature, top-p; the checkpoint's top_k and repetition penalty off) seeds the global RNG
@@ -42,20 +42,29 @@ def placeholder_ids(model) -> list[int]:
                    if isinstance(t := getattr(cfg, k, None), int) and t >= 0})
 
 
-def prompt_ids(tokenizer, text: str, image_token: str, image_seq_len: int) -> list[int]:
-    """The assembly's generation prompt for one image and ``text``: one user turn (the image token, a newline,
-    the text) rendered by the tokenizer's chat template with the generation prompt, the image token expanded
-    to ``image_seq_len`` copies (the vision tower's patch count)."""
-    msgs = [{"role": "user", "content": image_token + "\n" + text}]
-    prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+def prompt_ids(tokenizer, text: str, image_token: str, image_seq_len: int, n_images: int = 1) -> list[int]:
+    """The assembly's generation prompt for ``n_images`` images and ``text``: one user turn (the image token and
+    a newline per image, then the text; ``n_images`` 0: the text alone, for text-only questions and a bare LLM)
+    rendered by the tokenizer's chat template with the generation prompt, each image token expanded to
+    ``image_seq_len`` copies (the vision tower's patch count). A tokenizer without a chat template (a base LLM)
+    gets the text and a newline."""
+    content = "".join(image_token + "\n" for _ in range(n_images)) + text
+    if getattr(tokenizer, "chat_template", None):
+        msgs = [{"role": "user", "content": content}]
+        prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer(content + "\n")["input_ids"]
+    if not n_images:
+        return list(ids)
     image_id = tokenizer.convert_tokens_to_ids(image_token)
     return [t for t0 in ids for t in ([t0] * image_seq_len if t0 == image_id else [t0])]
 
 
-def stock_prompt(processor, text: str) -> str:
-    """One image and the question, rendered by the processor's chat template with the generation prompt."""
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+def stock_prompt(processor, text: str, n_images: int = 1) -> str:
+    """``n_images`` images (0: none) and the question, rendered by the processor's chat template with the
+    generation prompt."""
+    msgs = [{"role": "user", "content": [*({"type": "image"} for _ in range(n_images)), {"type": "text", "text": text}]}]
     return processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
 
@@ -103,7 +112,10 @@ def generate(model, tokenizer, requests: list[dict], batch_size: int = 16, max_n
         if any(p is not None for p in pixels):
             if any(p is None for p in pixels):
                 raise ValueError("a batch mixes requests with and without images; batch them separately")
-            kwargs["pixel_values"] = torch.stack(pixels).to(device, dtype=next(model.parameters()).dtype)
+            # one image (3, S, S) or several (k, 3, S, S) per request, concatenated in request order: the model
+            # fills the prompts' image-token blocks in that order
+            kwargs["pixel_values"] = torch.cat([p if p.dim() == 4 else p.unsqueeze(0) for p in pixels]).to(
+                device, dtype=next(model.parameters()).dtype)
         seqs = model.generate(**kwargs)
         if return_ids:
             out += _completions(seqs[:, width:], eos)

@@ -98,7 +98,6 @@ class GRPOConfig:
     def reward_weights(self) -> dict[str, float]:
         """The rewards in use: ``rewards``, or {vqa: 1.0} when it is empty."""
         return dict(self.rewards) or {"vqa": 1.0}
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
 _FORMAT = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL | re.IGNORECASE)
 
 
@@ -107,10 +106,24 @@ _ANSWER_IS = re.compile(r"\b(?:the\s+)?(?:final\s+|correct\s+)?answer\s+is\s*:?\
 _THINK_END = re.compile(r"</think>", re.IGNORECASE)
 
 
+_OPEN_TAG = re.compile(r"<answer>", re.IGNORECASE)
+_CLOSE_TAG = re.compile(r"</answer>", re.IGNORECASE)
+
+
+def _last_tagged(text: str) -> str | None:
+    """The content of the last ``<answer>...</answer>`` (tags in any case), matched left to right as a lazy regex
+    would ("<answer>a</answer> <answer>b</answer>" -> "b"), in linear time: a regex search rescans the rest of
+    the text from every unclosed "<answer>", quadratic on an output that repeats the tag without closing it."""
+    pos, last = 0, None
+    while (start := _OPEN_TAG.search(text, pos)) and (end := _CLOSE_TAG.search(text, start.end())):
+        last, pos = text[start.end():end.start()], end.end()
+    return last
+
+
 def answer_format(text: str) -> str:
     """How an output states its answer: ``tags`` (a complete ``<answer>...</answer>``), ``answer_is``
     ("... The answer is X."), ``after_think`` (plain text after a closed ``<think>`` block) or ``plain``."""
-    if _ANSWER.search(text):
+    if _last_tagged(text) is not None:
         return "tags"
     tail = _THINK_END.split(text)[-1]
     if _ANSWER_IS.search(tail):
@@ -124,9 +137,9 @@ def extract_answer(text: str) -> str:
     else the text after the last ``</think>`` (the reasoning never counts); else the output unchanged (a
     plain answer, scored as it always was). Stripped. What eval scores and what the GRPO correctness reward
     reads are this same function."""
-    found = _ANSWER.findall(text)
-    if found:
-        return found[-1].strip()
+    found = _last_tagged(text)
+    if found is not None:
+        return found.strip()
     tail = _THINK_END.split(text)[-1]
     said = _ANSWER_IS.findall(tail)
     if said:

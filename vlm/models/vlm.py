@@ -310,22 +310,12 @@ def load_assistant(path: str | Path, processor_kwargs: Optional[dict] = None):
     ``processor_kwargs``: a stock VLM's image processor settings (Qwen2-VL's min_pixels / max_pixels), over
     those a train.instruct run was trained with.
     -> (model in eval mode, tokenizer, image settings dict; with "processor" for a stock VLM)."""
-    import json
-
-    from vlm.checkpoint import list_checkpoints, load_weights_into, model_weights
+    from vlm.checkpoint import load_weights_into, model_weights
     from vlm.models.lora import merge_lora
     from vlm.models.stock import is_stock_source, load_stock_vlm, stock_from_config
 
-    p = Path(path)
-    if (p / "checkpoints").is_dir():
-        found = list_checkpoints(p / "checkpoints")
-        if not found:
-            raise ValueError(f"{p}: no complete checkpoint")
-        p = found[-1]
-    if (p / "state.json").is_file():
-        cfg = json.loads((p / "state.json").read_text())["config"]
-        if "chat" not in cfg:
-            raise ValueError(f"{p} is not a train.instruct checkpoint")
+    p, cfg = _instruct_checkpoint(path)
+    if cfg is not None:
         if cfg["model"].get("vlm"):
             model, processor = stock_from_config({**cfg["model"], "processor": {
                 **(cfg["model"].get("processor") or {}), **(processor_kwargs or {})}})
@@ -344,3 +334,67 @@ def load_assistant(path: str | Path, processor_kwargs: Optional[dict] = None):
         model, processor = load_stock_vlm(path, processor_kwargs=processor_kwargs)
         return model.eval(), processor.tokenizer, {"processor": processor}
     raise ValueError(f"{p}: neither a train.instruct checkpoint nor a transformers folder or hub id")
+
+
+def _instruct_checkpoint(path) -> tuple[Path, Optional[dict]]:
+    """A train.instruct run (its latest complete checkpoint) or checkpoint folder -> (folder, its training config);
+    anything else -> (path, None)."""
+    import json
+
+    from vlm.checkpoint import list_checkpoints
+
+    p = Path(path)
+    if (p / "checkpoints").is_dir():
+        found = list_checkpoints(p / "checkpoints")
+        if not found:
+            raise ValueError(f"{p}: no complete checkpoint")
+        p = found[-1]
+    if not (p / "state.json").is_file():
+        return p, None
+    cfg = json.loads((p / "state.json").read_text())["config"]
+    if "chat" not in cfg:
+        raise ValueError(f"{p} is not a train.instruct checkpoint")
+    return p, cfg
+
+
+def _is_causal_lm(source) -> bool:
+    """Whether the checkpoint's config is one AutoModelForCausalLM loads (an LLM), not a VLM's."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return AutoConfig.from_pretrained(source, trust_remote_code=False).model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+
+def load_base_llm(checkpoint, llm: Optional[str] = None):
+    """The language model an assistant was built from, for text questions (the forgetting check): ``llm`` (a hub
+    id or folder: an LLM, or a stock VLM asked without images) when given; else what the train.instruct checkpoint's config names: ``model.llm`` (the LLaVA
+    assembly's LLM, loaded as AutoModelForCausalLM with its own tokenizer and chat template) or ``model.vlm`` (a
+    tuned stock VLM's starting checkpoint, asked without images). -> (model in eval mode, tokenizer, settings with
+    ``text_only``), what eval.generate.answer_with takes."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vlm.models.clip import check_hf_source
+    from vlm.models.stock import load_stock_vlm
+
+    source, tokenizer_source = llm, llm
+    if source is None:
+        p, cfg = _instruct_checkpoint(checkpoint)
+        if cfg is None:
+            raise ValueError(f"{checkpoint}: not a train.instruct run, so it records no base LLM; name one with --llm")
+        m = cfg["model"]
+        if m.get("vlm"):
+            model, processor = load_stock_vlm(m["vlm"], processor_kwargs=m.get("processor") or None)
+            return model.eval(), processor.tokenizer, {"processor": processor, "text_only": True}
+        if not m.get("llm"):
+            raise ValueError(f"{p}: its LLM was built from model.llm_config (randomly initialised), so there is no "
+                             "base LLM to compare with; name one with --llm")
+        source, tokenizer_source = m["llm"], m.get("tokenizer") or m["llm"]
+    check_hf_source(str(source), "LLM")
+    if llm is not None and not _is_causal_lm(source):  # --llm names a stock VLM: asked without images
+        model, processor = load_stock_vlm(source)
+        return model.eval(), processor.tokenizer, {"processor": processor, "text_only": True}
+    check_hf_source(str(tokenizer_source), "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=False)
+    log.info("base LLM for text questions: %s", source)
+    return model.eval(), tokenizer, {"text_only": True}
