@@ -7,8 +7,13 @@ For each benchmark: generate the answers with the checkpoint (sharded over torch
 resumable: answers already in the predictions file are kept) unless the entry names existing
 predictions, then score with eval.vqa / eval.report. Writes OUT/<name>.json (+ .md, .csv) per
 benchmark and OUT/summary.json + OUT/summary.md: our numbers (strict and LLaVA-Med protocol for VQA;
-BLEU/METEOR/ROUGE-L/CIDEr for reports) beside the anchors of eval/anchors.yaml, each with its
-source and setting.
+BLEU/METEOR/ROUGE-L/CIDEr for reports; accuracy for multiple choice and text QA) beside the anchors of
+eval/anchors.yaml, each with its source and setting.
+
+The forgetting check: `llm_only=true` answers the config's text benchmarks with the base LLM the checkpoint was
+built from (`llm=ID` names another) and skips the rest; `python -m eval.compare` then sets the two runs side by side:
+
+    python -m eval.suite --config configs/suite/medical_breadth.yaml checkpoint=RUN llm_only=true out=runs/suite_base
 """
 from __future__ import annotations
 
@@ -51,6 +56,10 @@ class SuiteConfig:
     anchors: Optional[str] = None  # default: eval/anchors.yaml
     bootstrap: int = 1000
     text: str = "r2gen"  # report text processing: r2gen | ptb | raw
+    # the forgetting check: the text benchmarks answered by the base LLM the checkpoint was built from (its
+    # model.llm; a tuned stock VLM's model.vlm, without images), or by `llm` when given; other benchmarks skipped
+    llm_only: bool = False
+    llm: Optional[str] = None
 
 
 @dataclass
@@ -117,6 +126,8 @@ REPORT_KEYS = ("bleu_1", "bleu_4", "meteor", "rouge_l", "cider")
 
 def summarize(results: dict[str, dict], anchors: list[Anchor], cfg: SuiteConfig) -> tuple[dict, str]:
     summary = {"checkpoint": cfg.checkpoint, "closed_options": cfg.closed_options, "benchmarks": {}, "anchors": []}
+    if cfg.llm_only:
+        summary["llm_only"] = cfg.llm or "the checkpoint's base LLM"
     lines = [f"# Evaluation suite: {cfg.checkpoint or 'given predictions'}", ""]
     vqa = {n: r for n, r in results.items() if "closed_accuracy" in r}
     choice = {n: r for n, r in results.items() if r.get("kind") == "choice"}
@@ -209,12 +220,26 @@ def main(argv=None) -> int:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    if cfg.llm and not cfg.llm_only:
+        raise ValueError("llm names the base model for llm_only=true; set llm_only=true (or drop llm)")
+    if cfg.llm_only:
+        from eval.benchmarks import CHOICE_BENCHMARKS
+
+        text = [b for b in cfg.benchmarks if b.name in CHOICE_BENCHMARKS and not CHOICE_BENCHMARKS[b.name].has_images]
+        skipped = [b.name for b in cfg.benchmarks if b not in text]
+        if not text:
+            raise ValueError("llm_only=true: the config lists no text benchmark (medqa, medmcqa, pubmedqa, mmlu_med)")
+        if skipped:
+            log.info("llm_only: the base LLM answers %s; skipped (they have images): %s",
+                     ", ".join(b.name for b in text), ", ".join(skipped))
+        cfg.benchmarks = text
     try:
         assistant = None
-        if cfg.checkpoint and any(not b.predictions for b in cfg.benchmarks):
-            from vlm.models.vlm import load_assistant
+        if (cfg.checkpoint or cfg.llm_only) and any(not b.predictions for b in cfg.benchmarks):
+            from vlm.models.vlm import load_assistant, load_base_llm
 
-            assistant = load_assistant(cfg.checkpoint, dict(cfg.processor) or None)
+            assistant = load_base_llm(cfg.checkpoint, cfg.llm) if cfg.llm_only else \
+                load_assistant(cfg.checkpoint, dict(cfg.processor) or None)
         results = {}
         for b in cfg.benchmarks:
             r = run_benchmark(cfg, b, out, assistant, d.is_main)

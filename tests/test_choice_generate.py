@@ -172,3 +172,37 @@ def test_two_processes_write_what_one_writes_and_resume(stock, tmp_path):
     r = torchrun(2, args, env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert two.read_text() == one.read_text()
+
+
+def test_suite_llm_only_answers_the_text_benchmarks_with_the_base_llm(tmp_path):
+    """eval.suite llm_only=true: the text benchmarks answered by the base LLM (here named with llm=), the image
+    ones skipped and said so; eval.compare sets the run beside the assistant's on what both answered."""
+    import yaml
+
+    from eval.compare import compare
+    from eval.suite import main as suite_main
+    from vlm.models.tiny import save_tiny_llm
+
+    llm = save_tiny_llm(tmp_path / "base_llm", "llama3")
+    benches = [{"name": n, "data_root": str(FIXTURES / n)} for n in ("pubmedqa", "mmmu_med", "mmlu_med")]
+    cfg = tmp_path / "suite.yaml"
+    cfg.write_text(yaml.safe_dump({"checkpoint": "unused", "out": str(tmp_path / "base"), "benchmarks": benches,
+                                   "batch_size": 4, "vqa_max_new_tokens": 3, "bootstrap": 50}))
+    assert suite_main(["--config", str(cfg), "llm_only=true", f"llm={llm}"]) == 0
+    s = json.loads((tmp_path / "base/summary.json").read_text())
+    assert sorted(s["benchmarks"]) == ["mmlu_med", "pubmedqa"] and s["llm_only"] == str(llm)
+    assert len((tmp_path / "base/pubmedqa_predictions.jsonl").read_text().splitlines()) == 5
+    assert suite_main(["--config", str(cfg), f"llm={llm}"]) == 2  # llm without llm_only: a usage error
+    # the "assistant" run: given predictions (all right) for the same benchmarks
+    from eval.benchmarks import CHOICE_BENCHMARKS
+
+    tuned = []
+    for n in ("pubmedqa", "mmlu_med"):
+        preds = tmp_path / f"{n}.jsonl"
+        preds.write_text("".join(json.dumps({"question_id": it.qid, "text": it.answer}) + "\n"
+                                 for it in CHOICE_BENCHMARKS[n](FIXTURES / n).load()))
+        tuned.append({"name": n, "data_root": str(FIXTURES / n), "predictions": str(preds)})
+    cfg.write_text(yaml.safe_dump({"out": str(tmp_path / "tuned"), "benchmarks": tuned, "bootstrap": 50}))
+    assert suite_main(["--config", str(cfg)]) == 0
+    r = compare(tmp_path / "base", tmp_path / "tuned", n=50)
+    assert sorted(r["benchmarks"]) == ["mmlu_med", "pubmedqa"] and r["benchmarks"]["pubmedqa"]["accuracy"]["b"] == 1.0
