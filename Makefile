@@ -175,4 +175,5 @@ bench: $(STAMP) $(STAGES)/summary
 	$(PY) bench/clip_train.py --compile
 	$(PY) bench/instruct_packing.py
 	$(PY) bench/generate.py
+	$(PY) bench/choice_scoring.py
 	$(PY) bench/resume.py
