@@ -298,16 +298,18 @@ def test_encodings_positions_and_odd_layouts(tmp_path):
     first = rows[1].split(",", 2)
     rows[1] = f'{first[0]},"What is\nthe uptake\npattern?",{first[2]}'  # the question over 3 lines
     rows[-1] = rows[-1].rsplit(",", 1)[0] + ",Z"
+    rows.insert(-1, "")  # and a blank line before the bad row
     p.write_bytes(b"\xef\xbb\xbf" + "\n".join(rows).encode() + b"\n")
     with pytest.raises(BenchmarkError, match=rf"test_clean.csv: line {len(rows) + 2}: the answer letter 'Z'"):
         load("pmc_vqa", root)
     p.write_bytes(b"\xef\xbb\xbf" + "\n".join(rows[:-1]).encode() + b"\n")
     items = load("pmc_vqa", root)
-    assert items[0].question == "What is\nthe uptake\npattern?" and len(items) == len(rows) - 2
+    assert items[0].question == "What is\nthe uptake\npattern?" and len(items) == len(rows) - 3
     root = _copy("mmlu_med", tmp_path)
     p = root / "data/test/anatomy_test.csv"
-    p.write_bytes(b"\xef\xbb\xbf" + p.read_bytes())
-    assert not load("mmlu_med", root)[0].question.startswith("\ufeff")
+    n = len(load("mmlu_med", root))
+    p.write_bytes(b"\xef\xbb\xbf" + p.read_bytes() + b"\n\n")  # a byte-order mark and blank lines at the end
+    assert not load("mmlu_med", root)[0].question.startswith("\ufeff") and len(load("mmlu_med", root)) == n
     p.write_bytes(p.read_bytes() + b"caf\xe9,a,b,c,d,A\n")
     last = len(p.read_bytes().splitlines())
     with pytest.raises(BenchmarkError, match=rf"anatomy_test.csv: line {last} is not UTF-8"):

@@ -206,3 +206,28 @@ def test_suite_llm_only_answers_the_text_benchmarks_with_the_base_llm(tmp_path):
     assert suite_main(["--config", str(cfg)]) == 0
     r = compare(tmp_path / "base", tmp_path / "tuned", n=50)
     assert sorted(r["benchmarks"]) == ["mmlu_med", "pubmedqa"] and r["benchmarks"]["pubmedqa"]["accuracy"]["b"] == 1.0
+
+
+def test_suite_refuses_to_serve_one_models_answers_to_another(tmp_path, capsys):
+    """OUT holds one model's answers (OUT/answers_by.json): an llm_only run, or another checkpoint, in the same OUT is
+    refused instead of resuming from them; unknown names and an llm_only run with nothing to ask are errors."""
+    import yaml
+
+    from eval.suite import main as suite_main
+    from vlm.models.tiny import save_tiny_llm
+
+    a, b = save_tiny_llm(tmp_path / "a", "llama3"), save_tiny_llm(tmp_path / "b", "llama3", seed=1)
+    cfg = tmp_path / "suite.yaml"
+    cfg.write_text(yaml.safe_dump({"checkpoint": "unused", "out": str(tmp_path / "out"), "batch_size": 4,
+                                   "vqa_max_new_tokens": 2, "bootstrap": 0,
+                                   "benchmarks": [{"name": "pubmedqa", "data_root": str(FIXTURES / "pubmedqa")}]}))
+    assert suite_main(["--config", str(cfg), "llm_only=true", f"llm={a}"]) == 0
+    assert "the base LLM" in (tmp_path / "out/summary.md").read_text().splitlines()[0]
+    assert suite_main(["--config", str(cfg), "llm_only=true", f"llm={a}"]) == 0  # the same model resumes
+    capsys.readouterr()
+    assert suite_main(["--config", str(cfg), "llm_only=true", f"llm={b}"]) == 2
+    assert "would reuse them: give it its own out= folder" in capsys.readouterr().err
+    assert suite_main(["--config", str(cfg), "llm_only=true", f"llm={a}", "benchmarks.0.name=pubmedqa_typo"]) == 2
+    assert "unknown name 'pubmedqa_typo'" in capsys.readouterr().err
+    assert suite_main(["--config", str(cfg), "llm_only=true", "checkpoint=null", f"out={tmp_path / 'o2'}"]) == 2
+    assert "llm_only=true needs checkpoint=" in capsys.readouterr().err

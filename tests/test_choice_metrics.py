@@ -53,6 +53,18 @@ def test_option_text_that_looks_like_a_prefix_or_letter():
     assert strict_choice("yes", dup) == (None, "none")  # the text of two options chooses neither
 
 
+def test_option_texts_that_start_like_separators_or_prefixes():
+    """The second review's cases: what follows a letter is compared as written before any separator is dropped,
+    so an option text starting with "-" or "(" reads right, and another option's text is a contradiction."""
+    opts = {"A": "-5 mmHg", "B": "5 mmHg", "C": "(i) and (ii)", "D": "Answer unknown", "E": "unknown"}
+    assert strict_choice("A. -5 mmHg", opts) == ("A", "letter+text")
+    assert strict_choice("B. -5 mmHg", opts) == (None, "contradiction")  # letter B, text of A
+    assert strict_choice("B - 5 mmHg", opts) == ("B", "letter+text")
+    assert strict_choice("C. (i) and (ii)", opts) == ("C", "letter+text")
+    assert strict_choice("Answer unknown", opts) == ("D", "text")  # the whole text first, not "unknown"
+    assert strict_choice("unknown", opts) == ("E", "text")
+
+
 def test_a_stated_answer_whose_text_holds_a_period():
     """"The answer is C. difficile": extract_answer stops at the first period ("C"); the rest of that line is
     exactly option D, so D is read; a stated letter with a sentence after it stays the letter."""
@@ -143,7 +155,7 @@ def test_hostile_outputs_score_in_linear_time():
 
     from vlm.grpo import answer_format
 
-    for text in ("<answer>" * 125_000, "B" + "." * 1_000_000, "B" + ".'" * 500_000, "the answer is " * 70_000,
+    for text in ("<answer>" * 125_000, "The answer is x" + " " * 1_000_000 + "y", "B" + "." * 1_000_000, "B" + ".'" * 500_000, "the answer is " * 70_000,
                  "A " * 500_000, "(A) " * 250_000):
         t0 = time.perf_counter()
         answer = extract_answer(text)

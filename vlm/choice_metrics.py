@@ -69,18 +69,22 @@ def strict_choice(prediction: str, options: dict[str, str]) -> tuple[Optional[st
     m = _LETTER.match(t)
     letter, rest = None, ""
     if m:
-        letter, rest = next(g for g in m.groups()[:4] if g).upper(), m.group(5).lstrip(_SEPARATORS).strip()
-        if rest.startswith("(") and rest.endswith(")"):  # B (Pleural effusion)
-            rest = rest[1:-1].strip()
+        letter, rest = next(g for g in m.groups()[:4] if g).upper(), m.group(5).strip()
         # a lower-case letter followed by a space is a word ("a small nodule"), unless it is all there is
         if letter not in options or (m.group(4) is not None and m.group(4).islower() and len(t) > 1):
             letter = None
-        elif not rest:
+        elif not rest.lstrip(_SEPARATORS):
             return letter, "letter"
     texts = {k: clean_text(v) for k, v in options.items()}
-    by_text = [k for k, v in texts.items() if v in (whole, clean_text(t))]
+    # the whole answer as an option's text first ("Answer unknown" is that option, not "unknown" after a prefix)
+    by_text = [k for k, v in texts.items() if v == whole] or [k for k, v in texts.items() if v == clean_text(t)]
     if letter is not None:
-        if clean_text(rest) == texts[letter]:
+        # what follows the letter, as written ("A. -5 mmHg", "A. (i) and (ii)"), then without a separator or
+        # brackets ("B - text", "(B): text", "B (text)"); the text of another option is a contradiction
+        said = clean_text(rest)
+        loose = rest.lstrip(_SEPARATORS).strip()
+        loose = clean_text(loose[1:-1] if loose.startswith("(") and loose.endswith(")") else loose)
+        if said == texts[letter] or (loose == texts[letter] and said not in texts.values()):
             return letter, "letter+text"
         if not by_text:
             return None, "contradiction"

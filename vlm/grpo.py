@@ -104,6 +104,9 @@ _FORMAT = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DO
 _ANSWER_IS = re.compile(r"\b(?:the\s+)?(?:final\s+|correct\s+)?answer\s+is\s*:?\s*(.+?)\s*(?:\.\s|\.?$|\n)",
                         re.IGNORECASE | re.DOTALL)
 _THINK_END = re.compile(r"</think>", re.IGNORECASE)
+# runs of spaces and tabs read as one space before _ANSWER_IS: its lazy answer followed by \s* rescans a whitespace
+# run from every position inside it (quadratic: 40,000 spaces took 19 s); one space per run keeps it linear
+_HSPACE = re.compile(r"[^\S\n]+")
 
 
 _OPEN_TAG = re.compile(r"<answer>", re.IGNORECASE)
@@ -126,14 +129,15 @@ def answer_format(text: str) -> str:
     if _last_tagged(text) is not None:
         return "tags"
     tail = _THINK_END.split(text)[-1]
-    if _ANSWER_IS.search(tail):
+    if _ANSWER_IS.search(_HSPACE.sub(" ", tail)):
         return "answer_is"
     return "after_think" if len(_THINK_END.split(text)) > 1 else "plain"
 
 
 def extract_answer(text: str) -> str:
     """The answer of a reasoning-style output, by ``answer_format``: the content of its last
-    ``<answer>...</answer>``; else what follows the last "the answer is" (up to the end of that sentence);
+    ``<answer>...</answer>``; else what follows the last "the answer is" (up to the end of that sentence; runs
+    of spaces in it read as one);
     else the text after the last ``</think>`` (the reasoning never counts); else the output unchanged (a
     plain answer, scored as it always was). Stripped. What eval scores and what the GRPO correctness reward
     reads are this same function."""
@@ -141,7 +145,7 @@ def extract_answer(text: str) -> str:
     if found is not None:
         return found.strip()
     tail = _THINK_END.split(text)[-1]
-    said = _ANSWER_IS.findall(tail)
+    said = _ANSWER_IS.findall(_HSPACE.sub(" ", tail))
     if said:
         return said[-1].strip()
     return tail.strip() if tail is not text else text

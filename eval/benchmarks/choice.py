@@ -122,8 +122,9 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
 
 def csv_rows(path: Path, header: bool = True) -> Iterator[tuple[int, object]]:
     """(the line a record starts on, the record) of a CSV file: dicts by the header row, or lists without one.
-    A byte-order mark is dropped; text that is not UTF-8 names its line. Line numbers count the file's lines,
-    so a quoted field spanning several lines does not shift the ones after it."""
+    A byte-order mark is dropped and blank lines are skipped; text that is not UTF-8 names its line. Line numbers
+    count the file's lines, so a quoted field spanning several lines does not shift the ones after it. With a
+    header, the first item yielded is (0, the column names); a short row's missing fields are None."""
     import csv
     import io
 
@@ -132,14 +133,22 @@ def csv_rows(path: Path, header: bool = True) -> Iterator[tuple[int, object]]:
     except UnicodeDecodeError as e:
         line = path.read_bytes()[:e.start].count(b"\n") + 1
         raise BenchmarkError(f"{path}: line {line} is not UTF-8 text ({e.reason})") from None
-    f = io.StringIO(text, newline="")
-    reader = csv.DictReader(f) if header else csv.reader(f)
-    if header:
-        yield 0, reader.fieldnames or []  # first: the columns
-    start = reader.line_num + 1
-    for row in reader:
-        yield start, row
-        start = reader.line_num + 1
+    reader = csv.reader(io.StringIO(text, newline=""))
+    columns = None
+    while True:
+        start = reader.line_num + 1  # the line the next record starts on (blank lines are records of no fields)
+        row = next(reader, None)
+        if row is None:
+            break
+        if not row:
+            continue
+        if header and columns is None:
+            columns = row
+            yield 0, columns  # first: the columns
+            continue
+        yield start, (dict(zip(columns, row + [None] * (len(columns) - len(row)))) if header else row)
+    if header and columns is None:
+        yield 0, []
 
 
 def read_json(path: Path):
