@@ -12,6 +12,16 @@ class BenchmarkError(FormatError):
     """A data root that is not the benchmark's official layout."""
 
 
+def require(record, keys: tuple, where: str) -> dict:
+    """``record`` if it is an object holding ``keys``; else a BenchmarkError naming ``where`` and what lacks."""
+    if not isinstance(record, dict):
+        raise BenchmarkError(f"{where}: expected an object, got {type(record).__name__}")
+    missing = [k for k in keys if k not in record]
+    if missing:
+        raise BenchmarkError(f"{where}: lacks {missing}")
+    return record
+
+
 def image_inside(root: Path, rel: str, where: str) -> str:
     """``root / rel`` with every symlink resolved, or a BenchmarkError naming the record when the path leaves
     ``root`` (``..``, an absolute path, a link pointing out): a release never names files outside itself."""

@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import ClassVar, Iterator, Optional, Union
 
 from eval.benchmarks.base import BenchmarkError
-
-LETTERS = "ABCDEFGHIJKLMNOP"
+from vlm.choice_metrics import LETTERS
 
 
 @dataclass
@@ -34,7 +33,7 @@ class ChoiceBenchmark:
     has_images: ClassVar[bool] = True
     compat: ClassVar[Optional[str]] = None  # the benchmark's published parsing rule: "mmmu"
 
-    def __init__(self, data_root: Union[str, Path], split: Optional[str] = None, lang: str = "en"):
+    def __init__(self, data_root: Union[str, Path], split: Optional[str] = None):
         self.root = Path(data_root)
         self.split = split or self.default_split
         if self.split not in self.splits:
@@ -78,6 +77,17 @@ def letter_options(values: list, where: str) -> dict:
     return out
 
 
+def options_from_dict(options, where: str) -> dict:
+    """A release's {letter: text} options (MedQA, MedXpertQA) -> letter_options', checked to be A, B, C... in order."""
+    if not isinstance(options, dict):
+        raise BenchmarkError(f"{where}: 'options' must be an object of letter: text")
+    letters = sorted(options)
+    out = letter_options([options[k] for k in letters], where)
+    if list(out) != letters:
+        raise BenchmarkError(f"{where}: option letters {letters} are not A, B, C, ... in order")
+    return out
+
+
 def letter_of(options: dict, answer, where: str) -> str:
     """The right option given as its letter or as its exact text -> the letter."""
     if isinstance(answer, str) and answer.strip().upper() in options and len(answer.strip()) == 1:
@@ -92,15 +102,6 @@ def letter_of(options: dict, answer, where: str) -> str:
             raise BenchmarkError(f"{where}: the answer {answer!r} is the text of several options {hits}")
     raise BenchmarkError(f"{where}: the answer {answer!r} is neither an option letter nor an option's text "
                          f"(options {options})")
-
-
-def require(record, keys: tuple, where: str) -> dict:
-    if not isinstance(record, dict):
-        raise BenchmarkError(f"{where}: expected an object, got {type(record).__name__}")
-    missing = [k for k in keys if k not in record]
-    if missing:
-        raise BenchmarkError(f"{where}: lacks {missing}")
-    return record
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
@@ -149,9 +150,3 @@ def csv_rows(path: Path, header: bool = True) -> Iterator[tuple[int, object]]:
         yield start, (dict(zip(columns, row + [None] * (len(columns) - len(row)))) if header else row)
     if header and columns is None:
         yield 0, []
-
-
-def read_json(path: Path):
-    from vlm.data.formats import load_json_file
-
-    return load_json_file(path)

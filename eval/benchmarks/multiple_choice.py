@@ -26,9 +26,10 @@ import ast
 import re
 from typing import Iterator
 
-from eval.benchmarks.base import BenchmarkError, image_inside
-from eval.benchmarks.choice import (ChoiceBenchmark, ChoiceItem, csv_rows, letter_of, letter_options, read_json,
-                                    read_jsonl, require)
+from eval.benchmarks.base import BenchmarkError, image_inside, require
+from eval.benchmarks.choice import (ChoiceBenchmark, ChoiceItem, csv_rows, letter_of, letter_options,
+                                    options_from_dict, read_jsonl)
+from vlm.data.formats import load_json_file, parquet_image, read_parquet_file
 
 
 class OmniMedVQA(ChoiceBenchmark):
@@ -50,7 +51,7 @@ class OmniMedVQA(ChoiceBenchmark):
                 raise BenchmarkError(f"omnimedvqa: no QA_information/{folder}/*.json in {self.root} (the release "
                                      "folder as downloaded)")
         for path in files:
-            data = read_json(path)
+            data = load_json_file(path)
             if not isinstance(data, list):
                 raise BenchmarkError(f"{path}: expected a list of question records")
             for i, r in enumerate(data):
@@ -131,17 +132,11 @@ class MMMUMed(ChoiceBenchmark):
     compat = "mmmu"
 
     def read(self) -> Iterator[ChoiceItem]:
-        import pyarrow.parquet as pq
-
         found = 0
         for subject in MMMU_MED_SUBJECTS:
             for path in sorted((self.root / subject).glob(f"{self.split}-*.parquet")):
                 found += 1
-                try:
-                    rows = pq.read_table(path).to_pylist()
-                except Exception as e:  # pyarrow raises several types for a broken file
-                    raise BenchmarkError(f"{path}: cannot read parquet ({e})") from None
-                for i, r in enumerate(rows):
+                for i, r in enumerate(read_parquet_file(path)):
                     yield self._item(r, f"{path}: row {i}", subject)
         if not found:
             raise BenchmarkError(f"mmmu_med: no <Subject>/{self.split}-*.parquet of {list(MMMU_MED_SUBJECTS)} in "
@@ -159,11 +154,11 @@ class MMMUMed(ChoiceBenchmark):
         for k in map(int, _IMAGE_REF.findall(text + " " + " ".join(map(str, raw_options)))):
             if k not in refs:
                 refs.append(k)
-        if not refs and _image_bytes(r.get("image_1")) is not None:
+        if not refs and parquet_image(r, "image_1") is not None:
             refs = [1]
         images = []
         for k in refs:
-            b = _image_bytes(r.get(f"image_{k}"))
+            b = parquet_image(r, f"image_{k}")
             if b is None:
                 raise BenchmarkError(f"{where}: refers to <image {k}> but image_{k} is empty")
             images.append(b)
@@ -176,12 +171,6 @@ class MMMUMed(ChoiceBenchmark):
         options = letter_options(raw_options, where)
         return ChoiceItem(r["id"], text, options, letter_of(options, str(r["answer"]), where), images,
                           categories=cats)
-
-
-def _image_bytes(cell):
-    if isinstance(cell, dict):
-        return cell.get("bytes")
-    return cell if isinstance(cell, (bytes, bytearray)) else None
 
 
 def _img_type(value) -> str:
@@ -206,12 +195,9 @@ class MedXpertQAMM(ChoiceBenchmark):
         for n, r in read_jsonl(path):
             where = f"{path}: line {n}"
             require(r, ("id", "question", "options", "label", "images"), where)
-            if not isinstance(r["options"], dict) or not isinstance(r["images"], list):
-                raise BenchmarkError(f"{where}: 'options' must be an object and 'images' a list")
-            letters = sorted(r["options"])
-            options = letter_options([r["options"][k] for k in letters], where)
-            if list(options) != letters:
-                raise BenchmarkError(f"{where}: option letters {letters} are not A, B, C, ... in order")
+            if not isinstance(r["images"], list):
+                raise BenchmarkError(f"{where}: 'images' must be a list of file names")
+            options = options_from_dict(r["options"], where)
             # the release writes the options into the question too ("...\nAnswer Choices: (A) ... (B) ..."); the
             # prompt lists them once, in the documented format (configs/eval/prompts.yaml)
             question = str(r["question"]).split("\nAnswer Choices:")[0].rstrip()

@@ -4,7 +4,7 @@ split has 1,061 questions: 645 OPEN, 416 CLOSED), Chinese with lang="zh".
 """
 from __future__ import annotations
 
-from eval.benchmarks.base import BenchmarkError, VQABenchmark, VQAItem, image_inside
+from eval.benchmarks.base import BenchmarkError, VQABenchmark, VQAItem, image_inside, require
 from vlm.data.formats import answer_type, load_json_file
 
 SPLIT_FILES = {"train": ("train.json",), "val": ("validate.json", "validation.json"), "test": ("test.json",)}
@@ -23,9 +23,7 @@ class Slake(VQABenchmark):
             raise BenchmarkError(f"{path}: expected a list of question records")
         items = []
         for i, r in enumerate(data):
-            missing = [k for k in ("qid", "question", "answer", "q_lang") if k not in r]
-            if missing:
-                raise BenchmarkError(f"{path}: record {i} lacks {missing}")
+            require(r, ("qid", "question", "answer", "q_lang"), f"{path}: record {i}")
             if self.lang != "all" and r["q_lang"] != self.lang:
                 continue
             ans = str(r["answer"])

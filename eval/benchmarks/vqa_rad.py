@@ -4,7 +4,7 @@ or the Hugging Face parquet release (question id = row index within the split).
 """
 from __future__ import annotations
 
-from eval.benchmarks.base import BenchmarkError, VQABenchmark, VQAItem, image_inside
+from eval.benchmarks.base import VQABenchmark, VQAItem, image_inside, require
 from vlm.data.formats import VQA_RAD_FILE, answer_type, load_json_file, vqa_rad_split
 
 
@@ -17,9 +17,7 @@ class VQARad(VQABenchmark):
             data = load_json_file(official)
             items = []
             for i, r in enumerate(data):
-                missing = [k for k in ("qid", "question", "answer", "phrase_type") if k not in r]
-                if missing:
-                    raise BenchmarkError(f"{official}: record {i} lacks {missing}")
+                require(r, ("qid", "question", "answer", "phrase_type"), f"{official}: record {i}")
                 if vqa_rad_split(r) != self.split:
                     continue
                 ans = str(r["answer"])

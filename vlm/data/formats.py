@@ -59,18 +59,13 @@ def read_parquet_rows(path) -> list[tuple[str, list[dict]]]:
     Each row of a split gets ``qid`` = its index within that split (files concatenated in order):
     the question id both data_prep and eval use for these releases, which carry none.
     """
-    import pyarrow.parquet as pq
-
     p = Path(path)
     files = sorted(p.rglob("*.parquet")) if p.is_dir() else [p]
     if not files or not files[0].is_file():
         raise FormatError(f"no parquet files at {p}")
     by_split: dict[str, list[dict]] = {}
     for f in files:
-        try:
-            rows = pq.read_table(f).to_pylist()
-        except Exception as e:  # pyarrow raises several types for a broken file
-            raise FormatError(f"{f}: cannot read parquet ({e})") from None
+        rows = read_parquet_file(f)
         part = by_split.setdefault(parquet_split_name(f), [])
         for r in rows:
             r["qid"] = len(part)
@@ -78,9 +73,19 @@ def read_parquet_rows(path) -> list[tuple[str, list[dict]]]:
     return list(by_split.items())
 
 
-def parquet_image(row: dict):
-    """The image bytes of a Hugging Face parquet row ({'image': {'bytes', 'path'}})."""
-    img = row.get("image")
+def read_parquet_file(path) -> list[dict]:
+    """One parquet file's rows; a file pyarrow cannot read is a FormatError naming it."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow raises several types for a broken file
+        raise FormatError(f"{path}: cannot read parquet ({e})") from None
+
+
+def parquet_image(row: dict, column: str = "image"):
+    """The image bytes of a Hugging Face parquet row's image column ({'bytes', 'path'}, or bare bytes)."""
+    img = row.get(column)
     if isinstance(img, dict):
         return img.get("bytes")
     return img if isinstance(img, (bytes, bytearray)) else None
